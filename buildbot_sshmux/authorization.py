@@ -1,0 +1,41 @@
+"""Per-host authorization of worker names, checked before any PB password."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred import error, portal
+from twisted.internet import defer
+from twisted.logger import Logger
+
+from buildbot_sshmux.authorized_hosts import HostEntry
+
+log = Logger()
+
+
+class HostPortal:
+    """The master's PB portal as one host sees it: only its allowed worker names.
+
+    A login as any other name fails with ``UnauthorizedLogin`` (the worker
+    backs off and retries) before the master's checker sees the password.
+    """
+
+    def __init__(self, wrapped: portal.Portal, entry: HostEntry) -> None:
+        self.wrapped = wrapped
+        self.entry = entry
+
+    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
+        username = credentials.username
+        if isinstance(username, bytes):
+            username = username.decode("utf-8", "replace")
+        if not self.entry.may_attach(username):
+            log.warn(
+                "host {host} ({fingerprint}) may not attach worker {worker!r}"
+                " (allowed: {allowed}); login refused",
+                host=self.entry.name,
+                fingerprint=self.entry.fingerprint,
+                worker=username,
+                allowed=",".join(self.entry.workers),
+            )
+            return defer.fail(error.UnauthorizedLogin())
+        return self.wrapped.login(credentials, mind, *interfaces)

@@ -1,0 +1,387 @@
+"""An SSH channel that is a transport for a protocol, with bounded buffers.
+
+Both sides use it: on the master a channel carries one worker's PB broker, on
+the worker host it carries the worker's PB client.  The protocol sees an
+ordinary transport (``ITransport``, ``IConsumer``, ``IPushProducer``), so PB runs
+unchanged inside.
+
+Conch's ``SSHChannel.write`` buffers without bound when the peer's window is
+full.  This one counts what waits, per channel and per connection:
+
+- above ``high_water`` bytes (or the connection's budget), the channel pauses
+  the producer registered on it and stops granting window to the peer, so a
+  request/response protocol cannot make it buffer more;
+- when the buffer drains to half that, both resume;
+- past ``max_buffer`` (or the connection's ``max_buffer``) the peer is not
+  reading at all: the channel is aborted and says so.
+
+The connection registers itself as producer on its TCP transport, so a full
+socket buffer holds back every channel instead of growing in the kernel's
+place.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from typing import Any, Callable
+
+from attrs import frozen
+from twisted.conch.ssh import connection
+from twisted.conch.ssh.channel import SSHChannel
+from twisted.internet import error, interfaces
+from twisted.internet.interfaces import IAddress, IProtocol, IPullProducer, IPushProducer
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+log = Logger()
+
+KiB = 1024
+MiB = 1024 * KiB
+
+
+@frozen
+class FlowLimits:
+    """Window and buffer sizes of channels and connections, in bytes."""
+
+    window_size: int = 1 * MiB
+    max_packet: int = 32 * KiB
+    high_water: int = 256 * KiB
+    max_buffer: int = 8 * MiB
+    connection_high_water: int = 16 * MiB
+    connection_max_buffer: int = 64 * MiB
+
+
+@implementer(IAddress)
+@frozen
+class ChannelAddress:
+    """One end of a channel: the SSH peer's address plus the host and channel.
+
+    Buildbot logs ``getPeer()`` and reads ``.host`` and ``.port``.
+    """
+
+    type: str
+    host: str
+    port: int
+    ssh_host: str = ""
+    channel: int | None = None
+
+
+class ConnectionBudget:
+    """Bytes waiting in every channel of one SSH connection."""
+
+    def __init__(self, limits: FlowLimits) -> None:
+        self.limits = limits
+        self.pending = 0
+        self.link_paused = False
+        self._throttled: dict[ProtocolChannel, None] = {}
+
+    @property
+    def exhausted(self) -> bool:
+        return self.pending >= self.limits.connection_high_water
+
+    @property
+    def overflowing(self) -> bool:
+        return self.pending > self.limits.connection_max_buffer
+
+    def charge(self, n: int) -> None:
+        self.pending += n
+
+    def refund(self, n: int) -> None:
+        self.pending -= n
+        if self._throttled and self.pending <= self.limits.connection_high_water // 2:
+            for channel in list(self._throttled):
+                channel.update_throttle()
+
+    def watch(self, channel: ProtocolChannel) -> None:
+        self._throttled[channel] = None
+
+    def unwatch(self, channel: ProtocolChannel) -> None:
+        self._throttled.pop(channel, None)
+
+
+@implementer(interfaces.ITransport, interfaces.IConsumer, IPushProducer)
+class ProtocolChannel(SSHChannel):
+    """An SSH channel that drives ``protocol`` as its transport."""
+
+    def __init__(
+        self,
+        protocol: IProtocol,
+        *,
+        peer: IAddress,
+        host: IAddress,
+        limits: FlowLimits = FlowLimits(),
+        call_soon: Callable[[Callable[[], Any]], Any] | None = None,
+        label: str = "",
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(
+            localWindow=limits.window_size, localMaxPacket=limits.max_packet, **kwargs
+        )
+        self.protocol = protocol
+        self.peer = peer
+        self.host = host
+        self.limits = limits
+        self.label = label
+        self.disconnected = False
+        self._call_soon = call_soon
+        self._chunks: deque[memoryview] = deque()
+        self._pending = 0
+        self._producer: IPushProducer | IPullProducer | None = None
+        self._streaming = True
+        self._pull_scheduled = False
+        self._reading_paused = False
+        self._throttled = False
+        self._closing_cleanly = False
+
+    @property
+    def _budget(self) -> ConnectionBudget:
+        return self.conn.budget  # type: ignore[union-attr, no-any-return]
+
+    @property
+    def pending(self) -> int:
+        """Bytes written by the protocol that the peer has not yet taken."""
+        return self._pending
+
+    # SSH channel events
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.protocol.makeConnection(self)
+
+    def dataReceived(self, data: bytes) -> None:
+        if not self.disconnected:
+            self.protocol.dataReceived(data)
+
+    def extReceived(self, dataType: int, data: bytes) -> None:
+        log.warn("{label}: ignored {n} bytes of extended data", label=self.label, n=len(data))
+
+    def requestReceived(self, requestType: bytes, data: bytes) -> int:
+        log.warn(
+            "{label}: refused channel request {request!r}",
+            label=self.label,
+            request=requestType.decode("ascii", "replace"),
+        )
+        return 0
+
+    def eofReceived(self) -> None:
+        self.loseConnection()
+
+    def addWindowBytes(self, data: int) -> None:
+        self.remoteWindowLeft += data
+        self.flush()
+
+    def closeReceived(self) -> None:
+        # The peer takes no more data: what is still queued is lost.
+        self._drop_pending()
+        self.conn.sendClose(self)  # type: ignore[union-attr]
+
+    def closed(self) -> None:
+        self._drop_pending()
+        self._budget.unwatch(self)
+        if self._closing_cleanly:
+            self._notify_lost(Failure(error.ConnectionDone("channel closed")))
+        else:
+            self._notify_lost(Failure(error.ConnectionLost("channel closed by the peer")))
+
+    def _notify_lost(self, reason: Failure) -> None:
+        """Tell the protocol, once, that its transport is gone."""
+        if self.disconnected:
+            return
+        self.disconnected = True
+        self._producer = None
+        self.protocol.connectionLost(reason)
+
+    # ITransport
+
+    def write(self, data: bytes) -> None:
+        if self.disconnected or self.closing or not data:
+            return
+        self._chunks.append(memoryview(bytes(data)))
+        self._pending += len(data)
+        self._budget.charge(len(data))
+        self.flush()
+        if self._pending > self.limits.max_buffer or self._budget.overflowing:
+            self._overflow()
+        else:
+            self.update_throttle()
+
+    def writeSequence(self, data: Any) -> None:
+        self.write(b"".join(data))
+
+    def loseConnection(self) -> None:
+        if self.closing or self.disconnected:
+            return
+        self.closing = 1
+        self._closing_cleanly = True
+        if not self._pending:
+            self.conn.sendClose(self)  # type: ignore[union-attr]
+
+    def abortConnection(self) -> None:
+        """Close now, dropping what is queued; the protocol hears it at once."""
+        self._drop_pending()
+        self.closing = 1
+        self.conn.sendClose(self)  # type: ignore[union-attr]
+        self._notify_lost(Failure(error.ConnectionAborted("channel aborted")))
+
+    def getPeer(self) -> IAddress:
+        return self.peer
+
+    def getHost(self) -> IAddress:
+        return self.host
+
+    def setTcpKeepAlive(self, enabled: int) -> None:
+        """Forwarded to the SSH connection's socket (Buildbot calls it)."""
+        tcp = getattr(self.conn.transport, "transport", None)  # type: ignore[union-attr]
+        if hasattr(tcp, "setTcpKeepAlive"):
+            tcp.setTcpKeepAlive(enabled)
+
+    def getTcpKeepAlive(self) -> int:
+        tcp = getattr(self.conn.transport, "transport", None)  # type: ignore[union-attr]
+        return tcp.getTcpKeepAlive() if hasattr(tcp, "getTcpKeepAlive") else 0
+
+    # IConsumer: the protocol's producer
+
+    def registerProducer(self, producer: Any, streaming: bool) -> None:
+        if self._producer is not None:
+            raise RuntimeError(f"{self.label}: a producer is already registered")
+        self._producer = producer
+        self._streaming = bool(streaming)
+        if self._streaming:
+            if self._throttled:
+                producer.pauseProducing()
+        else:
+            self._schedule_pull()
+
+    def unregisterProducer(self) -> None:
+        self._producer = None
+
+    # IPushProducer: the protocol pauses what it reads
+
+    def pauseProducing(self) -> None:
+        self._reading_paused = True
+
+    def resumeProducing(self) -> None:
+        self._reading_paused = False
+        self._release_window()
+
+    def stopProducing(self) -> None:
+        self.loseConnection()
+
+    # flow control
+
+    def window_held(self) -> bool:
+        """Whether to withhold window from the peer (the connection asks)."""
+        return self._reading_paused or self._throttled
+
+    def flush(self) -> None:
+        """Send what the peer's window and the link allow, in packet slices."""
+        while self._chunks and self.remoteWindowLeft > 0 and not self._budget.link_paused:
+            chunk = self._chunks[0]
+            n = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
+            if n == len(chunk):
+                self._chunks.popleft()
+            else:
+                self._chunks[0] = chunk[n:]
+            self.remoteWindowLeft -= n
+            self._pending -= n
+            self.conn.sendData(self, chunk[:n])  # type: ignore[union-attr]
+            self._budget.refund(n)
+        if self.closing and not self._pending and not self.localClosed:
+            self.conn.sendClose(self)  # type: ignore[union-attr]
+        self.update_throttle()
+
+    def update_throttle(self) -> None:
+        """Pause or resume the producer and the peer's window by what waits."""
+        if self._pending > self.limits.high_water or self._budget.exhausted:
+            if not self._throttled:
+                self._throttled = True
+                self._budget.watch(self)
+                if self._producer is not None and self._streaming:
+                    self._producer.pauseProducing()  # type: ignore[union-attr]
+        elif self._throttled and (
+            self._pending <= self.limits.high_water // 2
+            and self._budget.pending <= self.limits.connection_high_water // 2
+        ):
+            self._throttled = False
+            self._budget.unwatch(self)
+            if self._producer is not None and self._streaming:
+                self._producer.resumeProducing()
+            self._release_window()
+        if not self._streaming and self._producer is not None and not self._throttled:
+            self._schedule_pull()
+
+    def _schedule_pull(self) -> None:
+        if self._pull_scheduled or self._call_soon is None:
+            return
+        self._pull_scheduled = True
+
+        def pull() -> None:
+            self._pull_scheduled = False
+            if self._producer is not None and not self._streaming and not self._throttled:
+                self._producer.resumeProducing()
+
+        self._call_soon(pull)
+
+    def _release_window(self) -> None:
+        if self.window_held() or self.localClosed or self.conn is None:
+            return
+        missing = self.localWindowSize - self.localWindowLeft
+        if missing >= self.localWindowSize // 2:
+            self.conn.adjustWindow(self, missing)
+
+    def _drop_pending(self) -> None:
+        if self._pending:
+            self._budget.refund(self._pending)
+        self._chunks.clear()
+        self._pending = 0
+
+    def _overflow(self) -> None:
+        log.error(
+            "{label}: the peer is not reading ({pending} bytes queued on the channel,"
+            " {total} on the connection); channel closed",
+            label=self.label,
+            pending=self._pending,
+            total=self._budget.pending,
+        )
+        self.abortConnection()
+
+
+class FlowControlledConnection(connection.SSHConnection):
+    """An SSH connection whose channels share a bounded budget.
+
+    It is the streaming producer of its TCP transport, and withholds window
+    adjustments from channels that ask it to.
+    """
+
+    limits = FlowLimits()
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.budget = ConnectionBudget(self.limits)
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        tcp = getattr(self.transport, "transport", None)
+        if tcp is not None and getattr(tcp, "producer", None) is None:
+            tcp.registerProducer(self, True)
+
+    def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
+        if isinstance(channel, ProtocolChannel) and channel.window_held():
+            return
+        super().adjustWindow(channel, bytesToAdd)
+
+    # IPushProducer, for the TCP transport
+
+    def pauseProducing(self) -> None:
+        self.budget.link_paused = True
+
+    def resumeProducing(self) -> None:
+        self.budget.link_paused = False
+        for channel in list(self.channels.values()):
+            if self.budget.link_paused:
+                break
+            if isinstance(channel, ProtocolChannel) and channel.pending:
+                channel.flush()
+
+    def stopProducing(self) -> None:
+        self.budget.link_paused = True

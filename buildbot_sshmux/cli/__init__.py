@@ -1,0 +1,1 @@
+"""Command-line entry points: ``ssh-worker`` (worker hosts) and ``buildbot-sshmux`` (masters)."""

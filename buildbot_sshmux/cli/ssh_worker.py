@@ -1,0 +1,83 @@
+"""``ssh-worker``: run this host's worker sessions over one SSH connection per master."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from buildbot_sshmux.errors import SSHMuxError
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from twisted.internet import reactor
+    from twisted.logger import globalLogBeginner, textFileLogObserver
+
+    from buildbot_sshmux import launcher_config
+    from buildbot_sshmux.launcher import Launcher
+
+    config = launcher_config.load(args.config)
+    launcher = Launcher(config, reactor)
+    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    reactor.callWhenRunning(launcher.startService)
+    reactor.addSystemEventTrigger(
+        "before", "shutdown", lambda: launcher.stop_within(reactor, args.stop_timeout)
+    )
+    reactor.run()
+    return 0
+
+
+def cmd_keygen(args: argparse.Namespace) -> int:
+    import getpass
+
+    from buildbot_sshmux.keys import fingerprint, generate_ed25519, public_line, write_private_key
+
+    path = Path(args.path)
+    if path.exists():
+        raise SSHMuxError(f"{path} exists; choose another path or remove it first")
+    passphrase = None
+    if args.passphrase:
+        passphrase = getpass.getpass("passphrase for the new key: ").encode("utf-8")
+    comment = args.comment or _default_comment()
+    key = generate_ed25519()
+    write_private_key(path, key, comment, passphrase)
+    print(f"wrote {path} (mode 0600) and {path}.pub; fingerprint {fingerprint(key)}")
+    print("send this line to the master's administrator:")
+    print(public_line(key, comment))
+    return 0
+
+
+def _default_comment() -> str:
+    import socket
+
+    return socket.gethostname()
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="ssh-worker", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run every worker session of CONFIG.toml")
+    run.add_argument("config", help="launcher configuration (TOML)")
+    run.add_argument(
+        "--stop-timeout", type=float, default=10.0, help="seconds to wait for a clean stop"
+    )
+    run.set_defaults(func=cmd_run)
+    keygen = sub.add_parser("keygen", help="make this host's SSH key (ed25519, mode 0600)")
+    keygen.add_argument("path", nargs="?", default="id_ed25519")
+    keygen.add_argument("--comment", help="key comment, the host name by default")
+    keygen.add_argument("--passphrase", action="store_true", help="ask for a passphrase")
+    keygen.set_defaults(func=cmd_keygen)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SSHMuxError as e:
+        print(f"ssh-worker: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""The worker host's side of the SSH connection: one shared dial per master.
+
+`MasterLink` keeps one authenticated SSH connection to a master, redialling
+with backoff and jitter when it drops.  `ChannelEndpoint` is a client endpoint
+that opens a ``direct-tcpip`` channel to the master's PB port on that shared
+connection, so every worker session waits on the same dial: no storm of
+connections when a master comes back.
+"""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+from attrs import frozen
+from twisted.application import service
+from twisted.conch.client.knownhosts import KnownHostsFile
+from twisted.conch.ssh import forwarding, keys, transport, userauth
+from twisted.internet import defer, endpoints, protocol
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from twisted.python.filepath import FilePath
+from zope.interface import implementer
+
+from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
+from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
+from buildbot_sshmux.keys import fingerprint
+from buildbot_sshmux.server import PREFERRED_CIPHERS, PREFERRED_MACS, prefer
+
+log = Logger()
+
+
+def backoff(
+    initial: float = 1.0, factor: float = 2.0, maximum: float = 60.0, rng: random.Random | None = None
+) -> Callable[[int], float]:
+    """Exponential backoff with +-50% jitter, so hosts do not redial in step."""
+    rand = rng or random.Random()
+
+    def delay(attempt: int) -> float:
+        base = min(maximum, initial * factor ** max(0, attempt - 1))
+        return base * rand.uniform(0.5, 1.5)
+
+    return delay
+
+
+@frozen
+class HostKeyPins:
+    """The master host keys a launcher accepts: pinned keys, fingerprints, known_hosts."""
+
+    fingerprints: tuple[str, ...] = ()
+    known_hosts: Path | None = None
+
+    @classmethod
+    def from_config(cls, pins: Sequence[str], known_hosts: Path | None = None) -> HostKeyPins:
+        """Each pin is an OpenSSH public key line or a ``SHA256:`` fingerprint."""
+        prints = []
+        for pin in pins:
+            pin = pin.strip()
+            if pin.startswith("SHA256:"):
+                prints.append(pin)
+            else:
+                fields = pin.split()
+                key = keys.Key.fromString(" ".join(fields[:2]).encode("ascii"))
+                prints.append(fingerprint(key))
+        return cls(tuple(prints), known_hosts)
+
+    def accepts(self, host: str, port: int, key: keys.Key) -> bool:
+        if fingerprint(key) in self.fingerprints:
+            return True
+        if self.known_hosts is None:
+            return False
+        known = KnownHostsFile.fromPath(FilePath(str(self.known_hosts)))
+        names = [host.encode(), f"[{host}]:{port}".encode()]
+        return any(
+            entry.matchesKey(key) and any(entry.matchesHost(n) for n in names)
+            for entry in known.iterentries()
+        )
+
+    def describe(self) -> list[str]:
+        expected = list(self.fingerprints)
+        if self.known_hosts is not None:
+            expected.append(f"a key listed in {self.known_hosts}")
+        return expected
+
+
+class MuxUserAuthClient(userauth.SSHUserAuthClient):
+    """Public-key authentication with this host's one key."""
+
+    preferredOrder = [b"publickey"]
+
+    def __init__(self, link: MasterLink, instance: Any) -> None:
+        super().__init__(link.username.encode("utf-8"), instance)
+        self.link = link
+        self._offered = False
+
+    def getPublicKey(self) -> keys.Key | None:
+        if self._offered:
+            log.error(
+                "{master} refused this host's key {fingerprint}: ask the master's administrator"
+                " to add this host's public key (the .pub file) to authorized_hosts",
+                master=self.link.address,
+                fingerprint=fingerprint(self.link.identity),
+            )
+            self.link.refused = True
+            return None
+        self._offered = True
+        return self.link.identity.public()
+
+    def getPrivateKey(self) -> defer.Deferred[keys.Key]:
+        return defer.succeed(self.link.identity)
+
+
+class MuxClientConnection(FlowControlledConnection):
+    """The ``ssh-connection`` service of a `MasterLink`."""
+
+    def __init__(self, link: MasterLink) -> None:
+        self.limits = link.limits
+        super().__init__()
+        self.link = link
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        self.link.connection_ready(self)
+
+    def serviceStopped(self) -> None:
+        self.link.connection_lost(self)
+        super().serviceStopped()
+
+
+class MuxClientTransport(transport.SSHClientTransport):
+    """Conch's client transport with host key pinning."""
+
+    supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHClientTransport.supportedCiphers)
+    supportedMACs = prefer(PREFERRED_MACS, transport.SSHClientTransport.supportedMACs)
+
+    def __init__(self, link: MasterLink) -> None:
+        self.link = link
+
+    def verifyHostKey(self, hostKey: bytes, fp: bytes) -> defer.Deferred[bool]:
+        key = keys.Key.fromString(hostKey)
+        if self.link.pins.accepts(self.link.host, self.link.port, key):
+            return defer.succeed(True)
+        mismatch = HostKeyMismatch(self.link.address, self.link.pins.describe(), fingerprint(key))
+        log.error("{message}", message=str(mismatch))
+        self.link.refused = True
+        return defer.fail(mismatch)
+
+    def connectionSecure(self) -> None:
+        self.requestService(MuxUserAuthClient(self.link, MuxClientConnection(self.link)))
+
+    def connectionLost(self, reason: Any) -> None:
+        super().connectionLost(reason)
+        self.link.transport_lost(self, reason)
+
+
+class MasterLink(service.Service):
+    """One SSH connection to one master, shared by every worker session.
+
+    `when_ready` gives the connection once authenticated; while it is down,
+    one dial at a time is made, with backoff and jitter.
+    """
+
+    def __init__(
+        self,
+        reactor: Any,
+        host: str,
+        port: int,
+        identity: keys.Key,
+        pins: HostKeyPins,
+        *,
+        username: str = "buildbot-worker",
+        limits: FlowLimits = FlowLimits(),
+        retry_delay: Callable[[int], float] | None = None,
+        connect_timeout: float = 30.0,
+    ) -> None:
+        self.reactor = reactor
+        self.host = host
+        self.port = port
+        self.identity = identity
+        self.pins = pins
+        self.username = username
+        self.limits = limits
+        self.retry_delay = retry_delay or backoff()
+        self.connect_timeout = connect_timeout
+        self.connection: MuxClientConnection | None = None
+        self.refused = False
+        self.dials = 0
+        self._attempt = 0
+        self._waiters: list[defer.Deferred[MuxClientConnection]] = []
+        self._transport: MuxClientTransport | None = None
+        self._dialing: defer.Deferred[Any] | None = None
+        self._retry_call: Any = None
+        self._on_transport_lost: Callable[[], Any] | None = None
+
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def startService(self) -> None:
+        super().startService()
+        self._dial()
+
+    def stopService(self) -> defer.Deferred[None]:
+        super().stopService()
+        if self._retry_call is not None and self._retry_call.active():
+            self._retry_call.cancel()
+        self._retry_call = None
+        if self._dialing is not None:
+            self._dialing.cancel()
+        for waiter in self._waiters[:]:
+            waiter.cancel()
+        if self._transport is not None:
+            done: defer.Deferred[None] = defer.Deferred()
+            self._on_transport_lost = lambda: done.called or done.callback(None)
+            self._transport.transport.loseConnection()
+            return done
+        return defer.succeed(None)
+
+    def when_ready(self) -> defer.Deferred[MuxClientConnection]:
+        """A Deferred firing with the authenticated connection (now or once up)."""
+        if self.connection is not None:
+            return defer.succeed(self.connection)
+        d: defer.Deferred[MuxClientConnection] = defer.Deferred(
+            lambda d: self._waiters.remove(d) if d in self._waiters else None
+        )
+        self._waiters.append(d)
+        return d
+
+    def _dial(self) -> None:
+        if not self.running or self._dialing is not None or self._transport is not None:
+            return
+        self.dials += 1
+        self.refused = False
+        endpoint = endpoints.HostnameEndpoint(
+            self.reactor, self.host, self.port, timeout=self.connect_timeout
+        )
+        factory = protocol.Factory.forProtocol(lambda: MuxClientTransport(self))
+        self._dialing = endpoint.connect(factory)
+
+        def connected(proto: MuxClientTransport) -> None:
+            self._dialing = None
+            self._transport = proto
+
+        def failed(reason: Failure) -> None:
+            self._dialing = None
+            if reason.check(defer.CancelledError):
+                return
+            log.warn(
+                "cannot reach master {master}: {error}",
+                master=self.address,
+                error=reason.getErrorMessage(),
+            )
+            self._schedule_redial()
+
+        self._dialing.addCallbacks(connected, failed)
+
+    def _schedule_redial(self) -> None:
+        if not self.running:
+            return
+        self._attempt += 1
+        delay = self.retry_delay(self._attempt)
+        log.info(
+            "redialling master {master} in {delay:.1f}s (attempt {attempt})",
+            master=self.address,
+            delay=delay,
+            attempt=self._attempt,
+        )
+        self._retry_call = self.reactor.callLater(delay, self._redial)
+
+    def _redial(self) -> None:
+        self._retry_call = None
+        self._dial()
+
+    def connection_ready(self, connection: MuxClientConnection) -> None:
+        self.connection = connection
+        self._attempt = 0
+        log.info(
+            "connected to master {master} as {fingerprint}",
+            master=self.address,
+            fingerprint=fingerprint(self.identity),
+        )
+        waiters, self._waiters = self._waiters, []
+        for waiter in waiters:
+            waiter.callback(connection)
+
+    def connection_lost(self, connection: MuxClientConnection) -> None:
+        if self.connection is connection:
+            self.connection = None
+
+    def transport_lost(self, proto: MuxClientTransport, reason: Any) -> None:
+        if self._transport is not proto:
+            return
+        self._transport = None
+        self.connection = None
+        if self._on_transport_lost is not None:
+            self._on_transport_lost()
+            return
+        log.warn("lost connection to master {master}", master=self.address)
+        self._schedule_redial()
+
+
+class _ClientChannel(ProtocolChannel):
+    """A direct-tcpip channel whose protocol is built once the master accepts it."""
+
+    name = b"direct-tcpip"
+
+    def __init__(
+        self, factory: IProtocolFactory, opened: defer.Deferred[Any], **kwargs: Any
+    ) -> None:
+        super().__init__(None, **kwargs)  # type: ignore[arg-type]
+        self.factory = factory
+        self.opened = opened
+
+    def channelOpen(self, specificData: bytes) -> None:
+        if self.opened.called:  # cancelled while opening
+            self.factory.doStop()
+            self.disconnected = True
+            self.loseConnection()
+            return
+        self.protocol = self.factory.buildProtocol(self.peer)
+        if self.protocol is None:
+            self.factory.doStop()
+            self.disconnected = True
+            self.loseConnection()
+            self.opened.errback(ChannelRefused("the protocol factory built no protocol"))
+            return
+        super().channelOpen(specificData)
+        self.opened.callback(self.protocol)
+
+    def openFailed(self, reason: Any) -> None:
+        self.factory.doStop()
+        if not self.opened.called:
+            desc = getattr(reason, "value", None) or reason
+            self.opened.errback(ChannelRefused(f"the master refused the channel: {desc}"))
+
+    def _notify_lost(self, reason: Failure) -> None:
+        was_connected = not self.disconnected
+        super()._notify_lost(reason)
+        if was_connected:
+            self.factory.doStop()
+
+
+@implementer(IStreamClientEndpoint)
+class ChannelEndpoint:
+    """Connects a protocol through a channel to ``target`` on a `MasterLink`."""
+
+    def __init__(self, link: MasterLink, target_port: int, label: str, target_host: str = "localhost") -> None:
+        self.link = link
+        self.target = (target_host, target_port)
+        self.label = label
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        ready = self.link.when_ready()
+        opening: list[defer.Deferred[Any]] = []
+
+        def cancel(d: defer.Deferred[Any]) -> None:
+            ready.cancel()
+            for inner in opening:
+                if not inner.called:
+                    inner.cancel()
+
+        result: defer.Deferred[Any] = defer.Deferred(cancel)
+
+        def open_channel(conn: MuxClientConnection) -> defer.Deferred[Any]:
+            opened: defer.Deferred[Any] = defer.Deferred()
+            opening.append(opened)
+            address = ChannelAddress("TCP", self.target[0], self.target[1], ssh_host=self.link.address)
+            channel = _ClientChannel(
+                protocolFactory,
+                opened,
+                peer=address,
+                host=ChannelAddress("TCP", "127.0.0.1", 0, ssh_host=self.link.address),
+                limits=self.link.limits,
+                call_soon=lambda f: self.link.reactor.callLater(0, f),
+                label=self.label,
+                conn=conn,
+            )
+            protocolFactory.doStart()
+            conn.openChannel(
+                channel, forwarding.packOpen_direct_tcpip(self.target, ("127.0.0.1", 0))
+            )
+            return opened
+
+        ready.addCallback(open_channel)
+        ready.chainDeferred(result)
+        return result
+

@@ -1,0 +1,76 @@
+"""Reading, writing and naming SSH keys in OpenSSH formats."""
+
+from __future__ import annotations
+
+import os
+import stat
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric import ed25519
+from twisted.conch.ssh import keys
+
+from buildbot_sshmux.errors import KeyFileError
+
+
+def fingerprint(key: keys.Key) -> str:
+    """Return the key's fingerprint as OpenSSH prints it: ``SHA256:<base64>``."""
+    b64 = key.fingerprint(format=keys.FingerprintFormats.SHA256_BASE64)
+    return "SHA256:" + b64.rstrip("=")
+
+
+def public_line(key: keys.Key, comment: str = "") -> str:
+    """Return the one-line OpenSSH public form of a key, with an optional comment."""
+    line = key.public().toString("OPENSSH").decode("ascii")
+    return f"{line} {comment}".rstrip()
+
+
+def check_private_permissions(path: Path) -> None:
+    """Refuse a private key file that group or others may read, as OpenSSH does."""
+    mode = path.stat().st_mode
+    if os.name == "posix" and mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise KeyFileError(
+            f"private key {path} is accessible by others (mode {stat.S_IMODE(mode):04o});"
+            f" run: chmod 600 {path}"
+        )
+
+
+def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None) -> keys.Key:
+    """Load an OpenSSH/PEM private key, refusing files that are too open."""
+    path = Path(path)
+    try:
+        check_private_permissions(path)
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise KeyFileError(
+            f"private key {path} does not exist; create one with: ssh-worker keygen {path}"
+        ) from None
+    except OSError as e:
+        raise KeyFileError(f"private key {path} cannot be read ({e.strerror})") from None
+    try:
+        key = keys.Key.fromString(data, passphrase=passphrase)
+    except keys.EncryptedKeyError:
+        raise KeyFileError(
+            f"private key {path} is encrypted; give its passphrase to the launcher"
+        ) from None
+    except (keys.BadKeyError, ValueError) as e:
+        raise KeyFileError(f"private key {path} is not a valid OpenSSH key ({e})") from None
+    if key.isPublic():
+        raise KeyFileError(f"{path} holds a public key; a private key is needed here")
+    return key
+
+
+def generate_ed25519() -> keys.Key:
+    """Make a fresh ed25519 key pair."""
+    return keys.Key(ed25519.Ed25519PrivateKey.generate())
+
+
+def write_private_key(
+    path: str | os.PathLike[str], key: keys.Key, comment: str = "", passphrase: bytes | None = None
+) -> None:
+    """Write ``path`` (OpenSSH format, mode 0600) and ``path.pub``; never overwrite."""
+    path = Path(path)
+    data = key.toString("OPENSSH", subtype="v1", comment=comment, passphrase=passphrase)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    Path(f"{path}.pub").write_text(public_line(key, comment) + "\n")

@@ -1,0 +1,189 @@
+"""The ``ssh-worker`` configuration file (TOML).
+
+::
+
+    [master]
+    address = "buildmaster.example.org:2222"
+    host_key = "ssh-ed25519 AAAA..."      # pinned (a key line or SHA256:...); or known_hosts = "path"
+    identity = "id_ed25519"               # this host's private key (OpenSSH format)
+    pb_port = 9989                        # the master's PB port, reached through the channel
+
+    [[worker]]
+    name = "libxml2-debian-sid"
+    password = "..."                      # or password_file = "path"
+    basedir = "workers/libxml2"           # relative paths: to the config file
+
+Several masters: write ``[[master]]`` tables with a ``name`` each, and give
+every worker ``master = "NAME"``.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from attrs import frozen
+
+from buildbot_sshmux.errors import ConfigError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+MASTER_KEYS = {"name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file", "pb_port", "username"}
+WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
+
+
+@frozen
+class WorkerConfig:
+    name: str
+    password: str
+    basedir: Path
+    master: str
+    keepalive: int = 600
+    umask: int | None = None
+
+
+@frozen
+class MasterConfig:
+    name: str
+    host: str
+    port: int
+    identity: Path
+    host_keys: tuple[str, ...] = ()
+    known_hosts: Path | None = None
+    identity_passphrase_file: Path | None = None
+    pb_port: int = 9989
+    username: str = "buildbot-worker"
+
+
+@frozen
+class LauncherConfig:
+    path: Path
+    masters: tuple[MasterConfig, ...]
+    workers: tuple[WorkerConfig, ...]
+
+
+def _fail(path: Path, where: str, message: str) -> ConfigError:
+    return ConfigError(f"{path}: {where}: {message}")
+
+
+def _split_address(path: Path, where: str, address: Any) -> tuple[str, int]:
+    if not isinstance(address, str) or not address:
+        raise _fail(path, where, 'address must be "HOST:PORT"')
+    host, sep, port = address.rpartition(":")
+    if not sep:
+        return address, 22
+    host = host.strip("[]")
+    if not port.isdigit() or not host:
+        raise _fail(path, where, f'address {address!r} must be "HOST:PORT"')
+    return host, int(port)
+
+
+def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
+    where = "[master]" if single else f"[[master]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise _fail(path, where, "must be a table")
+    unknown = sorted(set(table) - MASTER_KEYS)
+    if unknown:
+        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(MASTER_KEYS))})")
+    host, port = _split_address(path, where, table.get("address"))
+    pins = table.get("host_key", ())
+    pins = (pins,) if isinstance(pins, str) else tuple(pins)
+    known_hosts = table.get("known_hosts")
+    if not pins and not known_hosts:
+        raise _fail(
+            path, where,
+            "no host_key or known_hosts: pin the master's key (buildbot-sshmux init prints it)",
+        )
+    if "identity" not in table:
+        raise _fail(path, where, "identity (this host's private key) is missing; make one with: ssh-worker keygen")
+    base = path.parent
+    name = table.get("name", f"{host}:{port}")
+    return MasterConfig(
+        name=str(name),
+        host=host,
+        port=port,
+        identity=base / str(table["identity"]),
+        host_keys=tuple(str(p) for p in pins),
+        known_hosts=base / str(known_hosts) if known_hosts else None,
+        identity_passphrase_file=(
+            base / str(table["identity_passphrase_file"]) if "identity_passphrase_file" in table else None
+        ),
+        pb_port=int(table.get("pb_port", 9989)),
+        username=str(table.get("username", "buildbot-worker")),
+    )
+
+
+def _worker(path: Path, index: int, table: Any, masters: dict[str, MasterConfig]) -> WorkerConfig:
+    where = f"[[worker]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise _fail(path, where, "must be a table")
+    unknown = sorted(set(table) - WORKER_KEYS)
+    if unknown:
+        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(WORKER_KEYS))})")
+    name = table.get("name")
+    if not isinstance(name, str) or not name:
+        raise _fail(path, where, "name is missing")
+    where = f"worker {name!r}"
+    if "password" in table and "password_file" in table:
+        raise _fail(path, where, "give password or password_file, not both")
+    if "password_file" in table:
+        pw_path = path.parent / str(table["password_file"])
+        try:
+            password = pw_path.read_text().strip()
+        except OSError as e:
+            raise _fail(path, where, f"password_file {pw_path} cannot be read ({e.strerror})") from None
+    elif "password" in table:
+        password = str(table["password"])
+    else:
+        raise _fail(path, where, "password or password_file is missing")
+    if "master" in table:
+        master = str(table["master"])
+        if master not in masters:
+            raise _fail(path, where, f"master {master!r} is not a [[master]] name ({', '.join(masters)})")
+    elif len(masters) == 1:
+        master = next(iter(masters))
+    else:
+        raise _fail(path, where, 'several masters are configured: say which one with master = "NAME"')
+    basedir = path.parent / str(table.get("basedir", f"workers/{name}"))
+    return WorkerConfig(
+        name=name,
+        password=password,
+        basedir=basedir,
+        master=master,
+        keepalive=int(table.get("keepalive", 600)),
+        umask=table.get("umask"),
+    )
+
+
+def load(path: str | Path) -> LauncherConfig:
+    """Read and check a launcher config; ConfigError names the file and the fault."""
+    path = Path(path).absolute()
+    try:
+        data = tomllib.loads(path.read_text(encoding="utf-8"))
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - {"master", "worker"})
+    if unknown:
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}] (known: [master], [[worker]])")
+    raw = data.get("master")
+    if raw is None:
+        raise ConfigError(f"{path}: no [master] section")
+    single = isinstance(raw, dict)
+    masters_list = [_master(path, i, t, single) for i, t in enumerate([raw] if single else raw)]
+    masters = {m.name: m for m in masters_list}
+    if len(masters) != len(masters_list):
+        raise ConfigError(f"{path}: two [[master]] tables have the same name")
+    workers = [_worker(path, i, t, masters) for i, t in enumerate(data.get("worker", []))]
+    if not workers:
+        raise ConfigError(f"{path}: no [[worker]] tables: nothing to run")
+    names = [w.name for w in workers]
+    duplicates = sorted({n for n in names if names.count(n) > 1})
+    if duplicates:
+        raise ConfigError(f"{path}: worker {duplicates[0]!r} is listed twice")
+    return LauncherConfig(path=path, masters=tuple(masters_list), workers=tuple(workers))

@@ -1,0 +1,252 @@
+"""The SSH server a Buildbot master embeds: authenticate hosts, bridge PB channels.
+
+Wire code is Conch's; the policy lives in `HostAvatar`: a host's connection may
+open only ``direct-tcpip`` channels aimed at the master's PB port on a loopback
+name, and each such channel is answered in process by a PB broker built on the
+master's own portal.  Nothing here ever opens an outbound socket; every other
+channel type, target, global request and channel request is refused and
+logged with the host, its key fingerprint and its address.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from typing import Any, Callable, Iterable, Sequence
+
+from twisted.conch.avatar import ConchUser
+from twisted.conch.error import ConchError, ValidPublicKey
+from twisted.conch.interfaces import IConchUser
+from twisted.conch.ssh import factory, forwarding, keys, transport, userauth
+from twisted.conch.ssh.connection import (
+    OPEN_ADMINISTRATIVELY_PROHIBITED,
+    OPEN_CONNECT_FAILED,
+    OPEN_UNKNOWN_CHANNEL_TYPE,
+)
+from twisted.cred import credentials, error, portal
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.internet import defer
+from twisted.internet.interfaces import IReactorTime
+from twisted.logger import Logger
+from twisted.spread import pb
+from zope.interface import implementer
+
+from buildbot_sshmux.authorization import HostPortal
+from buildbot_sshmux.authorized_hosts import HostEntry
+from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
+from buildbot_sshmux.keys import fingerprint
+
+log = Logger()
+
+LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
+# Fast, widely supported algorithms first (hmac-sha2-512 costs ~2.5x sha2-256).
+PREFERRED_CIPHERS = [b"aes128-ctr", b"aes256-ctr", b"aes192-ctr"]
+PREFERRED_MACS = [b"hmac-sha2-256", b"hmac-sha2-512", b"hmac-sha1"]
+
+
+def prefer(preferred: Sequence[bytes], supported: Sequence[bytes]) -> list[bytes]:
+    """Order ``supported`` with ``preferred`` first, keeping only supported names."""
+    first = [name for name in preferred if name in supported]
+    return first + [name for name in supported if name not in first]
+
+
+def is_loopback(host: str) -> bool:
+    """Whether a direct-tcpip target names this machine's loopback."""
+    if host.lower() in LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+class PBUnavailable(Exception):
+    """The master has no PB port to bridge to right now (the text says why)."""
+
+
+PBLookup = Callable[[], "tuple[int, portal.Portal, bool]"]
+"""Return (PB port number, the dispatcher's portal, unsafeTracebacks), or raise PBUnavailable."""
+
+
+@implementer(ICredentialsChecker)
+class AuthorizedHostsChecker:
+    """Public-key authentication against the current authorized_hosts entries."""
+
+    credentialInterfaces = (credentials.ISSHPrivateKey,)
+
+    def __init__(self, entries: Callable[[], Iterable[HostEntry]]) -> None:
+        self._entries = entries
+
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[HostEntry]:
+        entry = next((e for e in self._entries() if e.key.blob() == creds.blob), None)
+        if entry is None:
+            try:
+                offered = fingerprint(keys.Key.fromString(creds.blob))
+            except Exception:
+                offered = "an unparsable key"
+            log.info("refused key {fingerprint}: not in authorized_hosts", fingerprint=offered)
+            return defer.fail(error.UnauthorizedLogin())
+        if creds.signature is None:
+            return defer.fail(ValidPublicKey())
+        try:
+            valid = entry.key.verify(creds.signature, creds.sigData)
+        except Exception:
+            valid = False
+        if not valid:
+            log.warn(
+                "bad signature for host {host} ({fingerprint})",
+                host=entry.name,
+                fingerprint=entry.fingerprint,
+            )
+            return defer.fail(error.UnauthorizedLogin())
+        return defer.succeed(entry)
+
+
+class HostAvatar(ConchUser):
+    """A worker host logged in with its key; decides what its channels may be."""
+
+    def __init__(self, entry: HostEntry, server: SSHMuxFactory) -> None:
+        super().__init__()
+        self.entry = entry
+        self.server = server
+        self.conn: Any = None
+
+    def describe(self) -> str:
+        peer = self.peer_address()
+        where = f" from {peer.host}:{peer.port}" if peer is not None else ""
+        return f"host {self.entry.name} ({self.entry.fingerprint}){where}"
+
+    def peer_address(self) -> Any:
+        tcp = getattr(getattr(self.conn, "transport", None), "transport", None)
+        return tcp.getPeer() if tcp is not None else None
+
+    def refuse(self, what: str, code: int) -> ConchError:
+        log.warn("refused {what} for {who}", what=what, who=self.describe())
+        return ConchError(f"buildbot-sshmux refuses {what}", code)
+
+    def lookupChannel(
+        self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
+    ) -> ProtocolChannel:
+        kind = channelType.decode("ascii", "replace")
+        if channelType != b"direct-tcpip":
+            raise self.refuse(f"a {kind!r} channel (only direct-tcpip to the PB port)", OPEN_UNKNOWN_CHANNEL_TYPE)
+        try:
+            (host, port), _origin = forwarding.unpackOpen_direct_tcpip(data)
+        except Exception:
+            raise self.refuse("a malformed direct-tcpip request", OPEN_CONNECT_FAILED) from None
+        try:
+            pb_port, pb_portal, unsafe_tracebacks = self.server.pb_lookup()
+        except PBUnavailable as e:
+            raise self.refuse(f"a channel to {host}:{port} ({e})", OPEN_CONNECT_FAILED) from None
+        if port != pb_port or not is_loopback(host):
+            raise self.refuse(
+                f"a channel to {host}:{port} (only localhost:{pb_port}, the PB port, is allowed)",
+                OPEN_ADMINISTRATIVELY_PROHIBITED,
+            )
+        peer = self.peer_address()
+        address = ChannelAddress(
+            "TCP", getattr(peer, "host", "?"), getattr(peer, "port", 0), ssh_host=self.entry.name
+        )
+        pb_factory = pb.PBServerFactory(
+            HostPortal(pb_portal, self.entry), unsafeTracebacks=unsafe_tracebacks
+        )
+        protocol = pb_factory.buildProtocol(address)
+        local = ChannelAddress("TCP", "127.0.0.1", pb_port, ssh_host=self.entry.name)
+        channel = ProtocolChannel(
+            protocol,
+            peer=address,
+            host=local,
+            limits=self.server.limits,
+            call_soon=lambda f: self.server.reactor.callLater(0, f),
+            label=f"host {self.entry.name}",
+            remoteWindow=windowSize,
+            remoteMaxPacket=maxPacket,
+            avatar=self,
+        )
+        log.debug("PB channel opened for {who}", who=self.describe())
+        return channel
+
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        if requestType != b"keepalive@openssh.com":
+            self.refuse(f"global request {requestType.decode('ascii', 'replace')!r}", 0)
+        return 0
+
+    def logout(self) -> None:
+        log.info("{who} disconnected", who=self.describe())
+
+
+@implementer(portal.IRealm)
+class HostRealm:
+    """Makes a `HostAvatar` for each authenticated host."""
+
+    def __init__(self, server: SSHMuxFactory) -> None:
+        self.server = server
+
+    def requestAvatar(self, avatarId: Any, mind: object, *interfaces: Any) -> Any:
+        if IConchUser not in interfaces:
+            raise NotImplementedError("only SSH (IConchUser) avatars")
+        avatar = HostAvatar(avatarId, self.server)
+        return IConchUser, avatar, avatar.logout
+
+
+class MuxServerConnection(FlowControlledConnection):
+    """The server's ``ssh-connection`` service, with flow-controlled channels."""
+
+    def serviceStarted(self) -> None:
+        self.limits = self.transport.factory.limits
+        super().serviceStarted()
+        log.info("{who} connected", who=self.transport.avatar.describe())
+
+
+class MuxServerTransport(transport.SSHServerTransport):
+    """Conch's server transport, counting connections and preferring fast algorithms."""
+
+    supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHServerTransport.supportedCiphers)
+    supportedMACs = prefer(PREFERRED_MACS, transport.SSHServerTransport.supportedMACs)
+
+    def connectionMade(self) -> None:
+        self.factory.connections.add(self)
+        super().connectionMade()
+
+    def connectionLost(self, reason: Any) -> None:
+        self.factory.connections.discard(self)
+        super().connectionLost(reason)
+
+
+class SSHMuxFactory(factory.SSHFactory):
+    """The SSH server: host keys, public-key auth per host, PB channels only."""
+
+    protocol = MuxServerTransport
+    services = {
+        b"ssh-userauth": userauth.SSHUserAuthServer,
+        b"ssh-connection": MuxServerConnection,
+    }
+
+    def __init__(
+        self,
+        host_keys: Sequence[keys.Key],
+        entries: Callable[[], Iterable[HostEntry]],
+        pb_lookup: PBLookup,
+        reactor: IReactorTime,
+        limits: FlowLimits = FlowLimits(),
+    ) -> None:
+        self.host_keys = list(host_keys)
+        self.pb_lookup = pb_lookup
+        self.reactor = reactor
+        self.limits = limits
+        self.connections: set[MuxServerTransport] = set()
+        self.portal = portal.Portal(HostRealm(self), [AuthorizedHostsChecker(entries)])
+
+    def getPublicKeys(self) -> dict[bytes, keys.Key]:
+        return {key.sshType(): key.public() for key in self.host_keys}
+
+    def getPrivateKeys(self) -> dict[bytes, keys.Key]:
+        return {key.sshType(): key for key in self.host_keys}
+
+    def getPrimes(self) -> None:
+        return None
+
+    def disconnect_all(self) -> None:
+        for conn in list(self.connections):
+            conn.loseConnection()
+

@@ -1,0 +1,204 @@
+"""`SSHMuxService`: the SSH server as a Buildbot service in ``master.cfg``::
+
+    from buildbot_sshmux import SSHMuxService
+    c['protocols'] = {'pb': {'port': 'tcp:9989:interface=127.0.0.1'}}
+    c['services'].append(SSHMuxService(
+        port='tcp:2222',
+        host_keys=['sshmux/ssh_host_ed25519_key'],
+        authorized_hosts='sshmux/authorized_hosts'))
+
+Relative paths are taken from the master's basedir.  Worker sessions arrive
+as SSH channels and are handed, in process, to the master's PB port.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any, ClassVar, Sequence
+
+from buildbot import config
+from buildbot.util import service
+from twisted.conch.ssh import keys
+from twisted.cred import portal
+from twisted.internet import defer, endpoints
+from twisted.internet.interfaces import IListeningPort
+from twisted.logger import Logger
+
+from buildbot_sshmux import authorized_hosts
+from buildbot_sshmux.authorized_hosts import HostEntry
+from buildbot_sshmux.errors import KeyFileError
+from buildbot_sshmux.keys import fingerprint, load_private_key
+from buildbot_sshmux.server import PBUnavailable, SSHMuxFactory
+
+log = Logger()
+
+
+def normalize_portstr(port: int | str) -> str:
+    """Buildbot's own normalisation of a PB port string (pbmanager's key)."""
+    if isinstance(port, int) or ":" not in port:
+        return f"tcp:{port}"
+    return port
+
+
+def _resolve(basedir: str, path: str | os.PathLike[str]) -> Path:
+    return Path(basedir, os.path.expanduser(path))
+
+
+def _load_host_keys(basedir: str, paths: Sequence[str]) -> list[keys.Key]:
+    loaded = [load_private_key(_resolve(basedir, p)) for p in paths]
+    types = [k.sshType() for k in loaded]
+    if len(set(types)) != len(types):
+        raise KeyFileError(
+            "SSHMuxService: two host keys of the same type; SSH offers one key per type"
+        )
+    return loaded
+
+
+def _load_entries(
+    basedir: str, path: str | None, inline: Sequence[str]
+) -> tuple[list[HostEntry], list[str]]:
+    entries, errors = authorized_hosts.parse_lines(list(inline), "SSHMuxService(hosts=...)")
+    if path is not None:
+        more, more_errors = authorized_hosts.load(_resolve(basedir, path))
+        entries += more
+        errors += more_errors
+    return entries, errors
+
+
+class SSHMuxService(service.BuildbotService):
+    """An SSH server in the master: one connection per worker host, a channel per worker."""
+
+    name: str | None = "sshmux"  # type: ignore[assignment]
+    compare_attrs: ClassVar[Sequence[str]] = ("name", "_config_args", "_config_kwargs")
+
+    def checkConfig(  # type: ignore[override]
+        self,
+        port: str | int = "tcp:2222",
+        host_keys: Sequence[str] = (),
+        authorized_hosts: str | None = None,
+        hosts: Sequence[str] = (),
+    ) -> None:
+        if isinstance(host_keys, str):
+            config.error("SSHMuxService: host_keys must be a list of paths, not a string")
+            return
+        if not host_keys:
+            config.error(
+                "SSHMuxService: host_keys is empty; make one with: buildbot-sshmux init BASEDIR"
+            )
+        if authorized_hosts is None and not hosts:
+            config.error(
+                "SSHMuxService: no worker host may log in; set authorized_hosts='FILE' or hosts=[...]"
+            )
+        try:
+            endpoints.serverFromString(None, str(port) if ":" in str(port) else f"tcp:{port}")
+        except (ValueError, KeyError) as e:
+            config.error(f"SSHMuxService: port {port!r} is not a Twisted strports description ({e})")
+        # master.cfg is read with the master's basedir as working directory.
+        basedir = os.getcwd()
+        try:
+            _load_host_keys(basedir, host_keys)
+        except KeyFileError as e:
+            config.error(f"SSHMuxService: {e}")
+        try:
+            _entries, errors = _load_entries(basedir, authorized_hosts, hosts)
+        except OSError as e:
+            config.error(
+                f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})"
+            )
+        else:
+            for message in errors:
+                if message.startswith("SSHMuxService(hosts=...)"):
+                    config.error(message)
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.factory: SSHMuxFactory | None = None
+        self.listening_port: IListeningPort | None = None
+        self.entries: list[HostEntry] = []
+        self._listen_args: tuple[Any, ...] | None = None
+
+    @defer.inlineCallbacks
+    def reconfigService(  # type: ignore[override]
+        self,
+        port: str | int = "tcp:2222",
+        host_keys: Sequence[str] = (),
+        authorized_hosts: str | None = None,
+        hosts: Sequence[str] = (),
+    ) -> Any:
+        basedir = self.master.basedir
+        if "pb" not in self.master.config.protocols:
+            config.error(
+                "SSHMuxService needs Buildbot's PB protocol: set "
+                "c['protocols'] = {'pb': {'port': 'tcp:9989:interface=127.0.0.1'}}"
+            )
+        try:
+            loaded_keys = _load_host_keys(basedir, host_keys)
+        except KeyFileError as e:
+            config.error(f"SSHMuxService: {e}")
+        self.entries, errors = _load_entries(basedir, authorized_hosts, hosts)
+        for message in errors:
+            log.error("{message}", message=message)
+        listen_args = (str(port), tuple(fingerprint(k) for k in loaded_keys))
+        if listen_args != self._listen_args or self.factory is None:
+            yield self._stop_listening()
+            self.factory = SSHMuxFactory(
+                loaded_keys, lambda: self.entries, self.pb_lookup, self.master.reactor
+            )
+            if self.running:
+                yield self._start_listening(str(port))
+        self._listen_args = listen_args
+        self._port = str(port)
+
+    @defer.inlineCallbacks
+    def startService(self) -> Any:
+        yield super().startService()
+        if self.listening_port is None and self.factory is not None:
+            yield self._start_listening(self._port)
+
+    @defer.inlineCallbacks
+    def stopService(self) -> Any:
+        yield self._stop_listening()
+        yield super().stopService()
+
+    @defer.inlineCallbacks
+    def _start_listening(self, port: str) -> Any:
+        assert self.factory is not None
+        description = port if ":" in port else f"tcp:{port}"
+        endpoint = endpoints.serverFromString(self.master.reactor, description)
+        self.listening_port = yield endpoint.listen(self.factory)
+        address = self.listening_port.getHost()
+        log.info(
+            "SSH server for worker hosts listening on {host}:{port}, host keys {keys}",
+            host=address.host,
+            port=address.port,
+            keys=", ".join(fingerprint(k) for k in self.factory.host_keys),
+        )
+
+    @defer.inlineCallbacks
+    def _stop_listening(self) -> Any:
+        if self.listening_port is not None:
+            listening, self.listening_port = self.listening_port, None
+            yield listening.stopListening()
+        if self.factory is not None:
+            self.factory.disconnect_all()
+
+    @property
+    def connection_count(self) -> int:
+        """SSH connections currently open to this master."""
+        return len(self.factory.connections) if self.factory is not None else 0
+
+    def pb_lookup(self) -> tuple[int, portal.Portal, bool]:
+        """The master's PB dispatcher, looked up afresh for every channel."""
+        pb_config = self.master.config.protocols.get("pb") or {}
+        if "port" not in pb_config:
+            raise PBUnavailable("the master has no c['protocols']['pb']['port']")
+        portstr = normalize_portstr(pb_config["port"])
+        dispatcher = self.master.pbmanager.dispatchers.get(portstr)
+        if dispatcher is None or dispatcher.port is None:
+            raise PBUnavailable("the master's PB port is not open: no worker is configured")
+        return (
+            dispatcher.port.getHost().port,
+            dispatcher.portal,
+            dispatcher.serverFactory.unsafeTracebacks,
+        )
