@@ -13,7 +13,7 @@ from buildbot_sshmux.authorized_hosts import HostEntry
 log = Logger()
 
 
-class HostPortal:
+class HostPortal(portal.Portal):
     """The master's PB portal as one host sees it: only its allowed worker names.
 
     A login as any other name fails with ``UnauthorizedLogin`` (the worker
@@ -21,6 +21,8 @@ class HostPortal:
     """
 
     def __init__(self, wrapped: portal.Portal, entry: HostEntry) -> None:
+        # A Portal subclass so that PB adapts it to IPBRoot; the checkers and
+        # realm stay the wrapped (master's) portal's.
         self.wrapped = wrapped
         self.entry = entry
 
@@ -39,3 +41,6 @@ class HostPortal:
             )
             return defer.fail(error.UnauthorizedLogin())
         return self.wrapped.login(credentials, mind, *interfaces)
+
+    def listCredentialsInterfaces(self) -> list[Any]:
+        return self.wrapped.listCredentialsInterfaces()

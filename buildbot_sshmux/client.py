@@ -174,6 +174,7 @@ class MasterLink(service.Service):
         limits: FlowLimits = FlowLimits(),
         retry_delay: Callable[[int], float] | None = None,
         connect_timeout: float = 30.0,
+        endpoint: IStreamClientEndpoint | None = None,
     ) -> None:
         self.reactor = reactor
         self.host = host
@@ -184,6 +185,9 @@ class MasterLink(service.Service):
         self.limits = limits
         self.retry_delay = retry_delay or backoff()
         self.connect_timeout = connect_timeout
+        self.endpoint = endpoint or endpoints.HostnameEndpoint(
+            reactor, host, port, timeout=connect_timeout
+        )
         self.connection: MuxClientConnection | None = None
         self.refused = False
         self.dials = 0
@@ -233,11 +237,8 @@ class MasterLink(service.Service):
             return
         self.dials += 1
         self.refused = False
-        endpoint = endpoints.HostnameEndpoint(
-            self.reactor, self.host, self.port, timeout=self.connect_timeout
-        )
         factory = protocol.Factory.forProtocol(lambda: MuxClientTransport(self))
-        self._dialing = endpoint.connect(factory)
+        self._dialing = self.endpoint.connect(factory)
 
         def connected(proto: MuxClientTransport) -> None:
             self._dialing = None

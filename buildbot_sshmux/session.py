@@ -100,7 +100,7 @@ class WorkerSession(Worker):
         )
         for child in list(self):
             if isinstance(child, ClientService):
-                child.disownServiceParent()
+                self.removeService(child)
         encoding = self.bot.unicode_encoding
         self.bf = SessionBotFactory(self, keepalive, reactor)
         self.bf.startLogin(

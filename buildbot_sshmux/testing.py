@@ -1,0 +1,284 @@
+"""Real parts for the demo and the integration tests.
+
+A real Buildbot master (sqlite) with `SSHMuxService`, keys made fresh,
+``ssh-worker`` launchers run as separate processes, builds forced through
+the master's data API, and the figures the demo prints (file descriptors,
+TCP connections).  Needs the ``master`` and ``worker`` extras.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any, Iterable, Sequence
+
+from attrs import define, field
+from twisted.internet import defer, task
+
+from buildbot_sshmux.keys import generate_ed25519, public_line, write_private_key
+
+WORKER_PASSWORD = "pass-{name}"
+
+
+def worker_name(project: str, host: str) -> str:
+    return f"{project}-{host}"
+
+
+@define
+class Site:
+    """The files of a test site: master host key, worker host keys, authorized_hosts."""
+
+    root: Path
+    hosts: list[str]
+    host_key_path: Path = field(init=False)
+    host_key_line: str = field(init=False)
+    identities: dict[str, Path] = field(factory=dict, init=False)
+
+    def __attrs_post_init__(self) -> None:
+        (self.root / "master" / "sshmux").mkdir(parents=True, exist_ok=True)
+        self.host_key_path = self.root / "master" / "sshmux" / "ssh_host_ed25519_key"
+        key = generate_ed25519()
+        write_private_key(self.host_key_path, key, "master")
+        self.host_key_line = public_line(key)
+        lines = []
+        for host in self.hosts:
+            (self.root / host).mkdir(exist_ok=True)
+            identity = self.root / host / "id_ed25519"
+            host_key = generate_ed25519()
+            write_private_key(identity, host_key, host)
+            self.identities[host] = identity
+            lines.append(f'host="{host}",workers="*-{host}" {public_line(host_key, host)}')
+        self.authorized_hosts.write_text("\n".join(lines) + "\n")
+
+    @property
+    def master_basedir(self) -> Path:
+        return self.root / "master"
+
+    @property
+    def authorized_hosts(self) -> Path:
+        return self.root / "master" / "sshmux" / "authorized_hosts"
+
+    def launcher_config(
+        self, host: str, ssh_port: int, pb_port: int, workers: Iterable[str], password: str | None = None
+    ) -> Path:
+        """Write ``HOST/ssh-worker.toml`` for these worker names; return its path."""
+        lines = [
+            "[master]",
+            f'address = "127.0.0.1:{ssh_port}"',
+            f'host_key = "{self.host_key_line}"',
+            f'identity = "{self.identities[host].name}"',
+            f"pb_port = {pb_port}",
+        ]
+        for name in workers:
+            pw = password if password is not None else WORKER_PASSWORD.format(name=name)
+            lines += ["", "[[worker]]", f'name = "{name}"', f'password = "{pw}"', f'basedir = "workers/{name}"']
+        path = self.root / host / "ssh-worker.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
+
+def master_config(
+    projects: Sequence[str],
+    hosts: Sequence[str],
+    site: Site,
+    *,
+    ssh_port: str = "tcp:0:interface=127.0.0.1",
+    pb_port: str = "tcp:0:interface=127.0.0.1",
+    command: Sequence[str] | None = None,
+    extra_workers: Sequence[str] = (),
+) -> dict[str, Any]:
+    """A master.cfg dict: one builder per project (tagged), one worker per (project, host)."""
+    from buildbot.plugins import schedulers, steps, util, worker
+
+    from buildbot_sshmux import SSHMuxService
+
+    def right_host(builder: Any, wfb: Any, request: Any) -> bool:
+        wanted = request.properties.getProperty("worker_host")
+        return wanted is None or wfb.worker.workername.endswith(f"-{wanted}")
+
+    command = list(command or ["sh", "-c", "echo building $PROJECT on $WORKER; uname -s"])
+    workers, builders = [], []
+    for project in projects:
+        names = [worker_name(project, h) for h in hosts]
+        workers += [worker.Worker(n, WORKER_PASSWORD.format(name=n)) for n in names]
+        factory = util.BuildFactory(
+            [
+                steps.ShellCommand(
+                    name="build",
+                    command=command,
+                    env={"PROJECT": project, "WORKER": util.Property("workername")},
+                )
+            ]
+        )
+        builders.append(
+            util.BuilderConfig(
+                name=project, workernames=names, tags=[project], factory=factory, canStartBuild=right_host
+            )
+        )
+    workers += [worker.Worker(n, WORKER_PASSWORD.format(name=n)) for n in extra_workers]
+    return {
+        "workers": workers,
+        "builders": builders,
+        "schedulers": [schedulers.ForceScheduler(name="force", builderNames=list(projects))],
+        "protocols": {"pb": {"port": pb_port}},
+        "services": [
+            SSHMuxService(
+                port=ssh_port,
+                host_keys=[str(site.host_key_path)],
+                authorized_hosts=str(site.authorized_hosts),
+            )
+        ],
+        "db_url": "sqlite:///state.sqlite",
+        "buildbotNetUsageData": None,
+        "title": "buildbot-sshmux",
+    }
+
+
+async def start_master(basedir: Path, config: dict[str, Any], reactor: Any) -> Any:
+    """Create the sqlite database and start a real BuildMaster."""
+    from buildbot.config.master import MasterConfig
+    from buildbot.interfaces import IConfigLoader
+    from buildbot.master import BuildMaster
+    from zope.interface import implementer
+
+    @implementer(IConfigLoader)
+    class DictLoader:
+        def __init__(self, config_dict: dict[str, Any]) -> None:
+            self.config_dict = config_dict
+
+        def loadConfig(self) -> Any:
+            return MasterConfig.loadFromDict(self.config_dict, "<dict>")
+
+    basedir.mkdir(parents=True, exist_ok=True)
+    master = BuildMaster(str(basedir), reactor=reactor, config_loader=DictLoader(config))
+    master.config.db.db_url = config["db_url"]
+    cwd = os.getcwd()
+    os.chdir(basedir)  # sqlite:///state.sqlite is relative to the basedir
+    try:
+        await master.db.setup(check_version=False)
+        await master.db.model.upgrade()
+        master.db.setup = lambda: None
+        await master.startService()
+    finally:
+        os.chdir(cwd)
+    return master
+
+
+async def stop_master(master: Any) -> None:
+    await master.stopService()
+    await master.db.pool.stop()
+
+
+def sshmux_service(master: Any) -> Any:
+    from buildbot_sshmux.service import SSHMuxService
+
+    return next(s for s in master.service_manager if isinstance(s, SSHMuxService))
+
+
+def ssh_port(master: Any) -> int:
+    return int(sshmux_service(master).listening_port.getHost().port)
+
+
+def pb_port(master: Any) -> int:
+    dispatcher = next(iter(master.pbmanager.dispatchers.values()))
+    return int(dispatcher.port.getHost().port)
+
+
+def attached_workers(master: Any) -> set[str]:
+    return set(master.workers.connections)
+
+
+async def wait_until(reactor: Any, predicate: Any, timeout: float, what: str, interval: float = 0.1) -> float:
+    """Poll ``predicate`` until true; return the seconds waited, TimeoutError after ``timeout``."""
+    start = reactor.seconds()
+    while not predicate():
+        if reactor.seconds() - start > timeout:
+            raise TimeoutError(f"gave up after {timeout:.0f}s waiting for {what}")
+        await task.deferLater(reactor, interval, lambda: None)
+    return float(reactor.seconds() - start)
+
+
+async def run_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list[int]:
+    """Force one build per (builder, host); wait for all; return their results."""
+    builderids = {}
+    for builder, _host in requests:
+        if builder not in builderids:
+            builderids[builder] = await master.data.updates.findBuilderId(builder)
+    pending = []
+    for builder, host in requests:
+        _bsid, brids = await master.data.updates.addBuildset(
+            waited_for=True,
+            builderids=[builderids[builder]],
+            sourcestamps=[{"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}],
+            properties={"worker_host": (host, "sshmux")},
+        )
+        pending.append(brids)
+    results = []
+    for brids in pending:
+        for brid in brids.values():
+            results.append(await _buildrequest_result(master, brid))
+    return results
+
+
+async def _buildrequest_result(master: Any, brid: int) -> int:
+    while True:
+        request = await master.data.get(("buildrequests", brid))
+        if request["complete"]:
+            return int(request["results"])
+        await task.deferLater(master.reactor, 0.2, lambda: None)
+
+
+def open_fds(pid: int | str = "self") -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def established_tcp(local_port: int) -> int:
+    """Established TCP connections whose local port is ``local_port`` (this machine)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            port = int(fields[1].rsplit(":", 1)[1], 16)
+            if port == local_port and fields[3] == "01":
+                count += 1
+    return count
+
+
+class LauncherProcess:
+    """An ``ssh-worker run CONFIG`` child process, its output in a log file."""
+
+    def __init__(self, config: Path) -> None:
+        self.config = config
+        self.log_path = config.with_suffix(".log")
+        self.process: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        log = open(self.log_path, "ab")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "buildbot_sshmux.cli.ssh_worker", "run", str(self.config)],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=self.config.parent,
+        )
+        log.close()
+
+    def stop(self, timeout: float = 15.0) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
