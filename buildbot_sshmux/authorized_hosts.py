@@ -123,7 +123,7 @@ def parse_line(line: str, source: str = "<config>") -> HostEntry | None:
         raise LineError(f"unknown option {unknown[0]!r} (known: {', '.join(sorted(KNOWN_OPTIONS))})")
     try:
         key = keys.Key.fromString(f"{keytype} {blob}".encode("ascii"))
-    except (keys.BadKeyError, ValueError, UnicodeEncodeError) as e:
+    except Exception as e:  # Conch also raises struct.error, IndexError... on corrupt blobs
         raise LineError(f"bad {keytype} key ({e or 'cannot decode'})") from None
     if key.sshType().decode("ascii") != keytype:
         raise LineError(f"key data is {key.sshType().decode()}, line says {keytype}")

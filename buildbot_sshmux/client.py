@@ -334,6 +334,8 @@ class _ClientChannel(ProtocolChannel):
         self.factory.doStop()
         if not self.opened.called:
             desc = getattr(reason, "value", None) or reason
+            if isinstance(desc, bytes):  # Conch gives the peer's description as bytes
+                desc = desc.decode("utf-8", "replace")
             self.opened.errback(ChannelRefused(f"the master refused the channel: {desc}"))
 
     def _notify_lost(self, reason: Failure) -> None:

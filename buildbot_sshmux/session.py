@@ -111,6 +111,13 @@ class WorkerSession(Worker):
         self._reactor = reactor
         ClientService(endpoint, self.bf, retryPolicy=self.retry_delay, clock=reactor).setServiceParent(self)
 
+    def stopService(self) -> Any:
+        # Worker.stopService waits for BotFactory's shutdown notice, which only
+        # stopFactory() gives; a session that never opened a channel (master
+        # unreachable) would wait forever.  Stopping the timers gives it.
+        self.bf.stopTimers()
+        return super().stopService()
+
     @property
     def attached(self) -> bool:
         """Whether this session is logged in to the master now."""

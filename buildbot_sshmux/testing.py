@@ -131,6 +131,8 @@ def master_config(
             )
         ],
         "db_url": "sqlite:///state.sqlite",
+        # Requests for one builder differ only by worker_host: never collapse them.
+        "collapseRequests": False,
         "buildbotNetUsageData": None,
         "title": "buildbot-sshmux",
     }
@@ -187,7 +189,18 @@ def pb_port(master: Any) -> int:
 
 
 def attached_workers(master: Any) -> set[str]:
+    """Workers with a connection (their attach may still be in progress)."""
     return set(master.workers.connections)
+
+
+def ready_workers(master: Any) -> set[str]:
+    """Workers fully attached to their builders, ready to build."""
+    return {
+        wfb.worker.workername
+        for builder in master.botmaster.builders.values()
+        for wfb in builder.workers
+        if wfb.worker is not None and wfb.worker.conn is not None
+    }
 
 
 async def wait_until(reactor: Any, predicate: Any, timeout: float, what: str, interval: float = 0.1) -> float:
@@ -282,3 +295,123 @@ class LauncherProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+# --- helpers for the integration tests (appended) ---------------------------
+
+
+async def force_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list[int]:
+    """Force one build per (builder, host) without waiting; return the build request ids."""
+    builderids: dict[str, int] = {}
+    brids: list[int] = []
+    for builder, host in requests:
+        if builder not in builderids:
+            builderids[builder] = await master.data.updates.findBuilderId(builder)
+        _bsid, by_builder = await master.data.updates.addBuildset(
+            waited_for=False,
+            builderids=[builderids[builder]],
+            sourcestamps=[{"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}],
+            properties={"worker_host": (host, "sshmux")},
+        )
+        brids += list(by_builder.values())
+    return brids
+
+
+async def buildrequest_results(master: Any, brids: Sequence[int]) -> list[int]:
+    """Wait for each build request to complete; return their results."""
+    return [await _buildrequest_result(master, brid) for brid in brids]
+
+
+async def builds_of_request(master: Any, brid: int) -> list[dict[str, Any]]:
+    """The builds made for one build request, oldest first."""
+    builds = await master.data.get(("buildrequests", brid, "builds"))
+    return sorted(builds, key=lambda b: b["buildid"])
+
+
+async def wait_process_exit(reactor: Any, launcher: LauncherProcess, timeout: float) -> int:
+    """Wait (without blocking the reactor) for a launcher to exit; return its exit code."""
+    assert launcher.process is not None
+    await wait_until(reactor, lambda: launcher.process.poll() is not None, timeout, "the launcher to exit")
+    return int(launcher.process.returncode)
+
+
+async def stop_launcher(reactor: Any, launcher: LauncherProcess, timeout: float = 15.0) -> int | None:
+    """SIGTERM a launcher, SIGKILL it after ``timeout``; never blocks the reactor."""
+    if launcher.process is None:
+        return None
+    if launcher.process.poll() is None:
+        launcher.process.terminate()
+        try:
+            await wait_process_exit(reactor, launcher, timeout)
+        except TimeoutError:
+            launcher.process.kill()
+            await wait_process_exit(reactor, launcher, timeout)
+    return launcher.process.returncode
+
+
+def host_fingerprint(site: Site, host: str) -> str:
+    """The SHA256 fingerprint of a worker host's key, as the master logs it."""
+    from buildbot_sshmux.keys import fingerprint, load_private_key
+
+    return fingerprint(load_private_key(site.identities[host]))
+
+
+class LogCapture:
+    """Every log event of this process, formatted, kept in memory and written to a file."""
+
+    def __init__(self, path: Path) -> None:
+        from twisted.logger import formatEventAsClassicLogText
+
+        self.path = path
+        self.lines: list[str] = []
+        self._file = open(path, "a", encoding="utf-8")
+        self._format = formatEventAsClassicLogText
+
+    def __call__(self, event: dict[str, Any]) -> None:
+        text = self._format(event)
+        if text:
+            self.lines.append(text)
+            self._file.write(text)
+
+    def start(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.addObserver(self)
+
+    def stop(self) -> None:
+        from twisted.logger import globalLogPublisher
+
+        globalLogPublisher.removeObserver(self)
+        self._file.close()
+
+    def matching(self, *needles: str) -> list[str]:
+        """Logged lines containing every one of ``needles``."""
+        return [line for line in self.lines if all(n in line for n in needles)]
+
+
+def established_tcp_to(remote_port: int) -> int:
+    """Established TCP connections whose remote port is ``remote_port`` (the dialling side)."""
+    count = 0
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = Path(table).read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for row in rows:
+            fields = row.split()
+            port = int(fields[2].rsplit(":", 1)[1], 16)
+            if port == remote_port and fields[3] == "01":
+                count += 1
+    return count
+
+
+def open_fd_targets(pid: int | str = "self") -> list[str]:
+    """What each open fd of a process is (``socket:[inode]``, a path, ``pipe:[...]``)."""
+    targets = []
+    base = f"/proc/{pid}/fd"
+    for fd in os.listdir(base):
+        try:
+            targets.append(os.readlink(f"{base}/{fd}"))
+        except OSError:  # closed meanwhile (e.g. the fd of os.listdir itself)
+            continue
+    return targets

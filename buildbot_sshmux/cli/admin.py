@@ -1,0 +1,82 @@
+"""``buildbot-sshmux``: the master side's admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from buildbot_sshmux.errors import SSHMuxError
+
+SNIPPET = """\
+from buildbot_sshmux import SSHMuxService
+c['protocols'] = {{'pb': {{'port': 'tcp:9989:interface=127.0.0.1'}}}}
+c['services'].append(SSHMuxService(
+    port='tcp:{port}',
+    host_keys=['sshmux/ssh_host_ed25519_key'],
+    authorized_hosts='sshmux/authorized_hosts'))"""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    from buildbot_sshmux.keys import fingerprint, generate_ed25519, public_line, write_private_key
+
+    basedir = Path(args.basedir)
+    if not basedir.is_dir():
+        raise SSHMuxError(f"{basedir} is not a directory; create the master first (buildbot create-master)")
+    sshmux = basedir / "sshmux"
+    sshmux.mkdir(mode=0o700, exist_ok=True)
+    key_path = sshmux / "ssh_host_ed25519_key"
+    if key_path.exists():
+        raise SSHMuxError(f"{key_path} exists: this master is already initialised")
+    key = generate_ed25519()
+    write_private_key(key_path, key, "buildbot-sshmux host key")
+    hosts = sshmux / "authorized_hosts"
+    if not hosts.exists():
+        fd = os.open(hosts, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(
+                '# one line per worker host: host="NAME",workers="GLOB,..." ssh-ed25519 AAAA... comment\n'
+            )
+    host, _, port = args.address.rpartition(":")
+    print(f"wrote {key_path} (mode 0600) and {hosts}")
+    print(f"host key fingerprint: {fingerprint(key)}")
+    print("known_hosts line for worker hosts:")
+    print(f"[{host}]:{port} {public_line(key)}")
+    print("add to master.cfg:")
+    print(SNIPPET.format(port=port))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from buildbot_sshmux import demo
+
+    return demo.main(args.demo_args)
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="buildbot-sshmux", description=__doc__)
+    sub = p.add_subparsers(dest="command", required=True)
+    init = sub.add_parser("init", help="make the master's SSH host key and authorized_hosts")
+    init.add_argument("basedir", help="the Buildbot master's basedir")
+    init.add_argument(
+        "--address", default="buildmaster.example.org:2222", help="HOST:PORT workers dial (for the known_hosts line)"
+    )
+    init.set_defaults(func=cmd_init)
+    demo = sub.add_parser("demo", help="run the demo: a master, two worker hosts, builds", add_help=False)
+    demo.add_argument("demo_args", nargs=argparse.REMAINDER)
+    demo.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return int(args.func(args))
+    except SSHMuxError as e:
+        print(f"buildbot-sshmux: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,271 @@
+"""An SSH server and client of this package, joined in memory (no sockets).
+
+`SSHPair` builds the real `SSHMuxFactory` and a real `MasterLink` whose
+endpoint hands the link's transport to a server transport through
+``twisted.test.iosim.FakeTransport`` objects.  `Wire` moves the bytes between
+them, and can hold back either direction to play a peer that stalls.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+from twisted.conch.ssh import keys, userauth
+from twisted.cred import checkers, portal
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.interfaces import IStreamClientEndpoint
+from twisted.internet.task import Clock
+from twisted.logger import ILogObserver, LogEvent, formatEvent, globalLogPublisher
+from twisted.spread import pb
+from twisted.test.iosim import FakeTransport
+from twisted.trial.unittest import TestCase
+from zope.interface import implementer
+
+from buildbot_sshmux.authorized_hosts import HostEntry
+from buildbot_sshmux.bridge import FlowLimits
+from buildbot_sshmux.client import HostKeyPins, MasterLink, MuxClientConnection, MuxClientTransport
+from buildbot_sshmux.keys import generate_ed25519
+from buildbot_sshmux.server import MuxServerConnection, MuxServerTransport, SSHMuxFactory
+
+PB_PORT = 9989
+MASTER_ADDRESS = IPv4Address("TCP", "192.0.2.10", 2222)
+WORKER_HOST_ADDRESS = IPv4Address("TCP", "198.51.100.7", 40123)
+
+# Made once: key generation is cheap, but fixed keys keep failures readable.
+MASTER_KEY = generate_ed25519()
+HOST_KEY = generate_ed25519()
+OTHER_KEY = generate_ed25519()
+
+
+class Wire:
+    """Moves bytes between two FakeTransports; either direction can be held."""
+
+    def __init__(self, client_io: FakeTransport, server_io: FakeTransport, clock: Clock) -> None:
+        self.client_io = client_io
+        self.server_io = server_io
+        self.clock = clock
+        self.hold_to_server = False
+        self.hold_to_client = False
+        self._to_server: list[bytes] = []
+        self._to_client: list[bytes] = []
+
+    def pump(self) -> bool:
+        """Move what is waiting once; True if anything moved."""
+        self.clock.advance(0)
+        moved = False
+        out = self.client_io.getOutBuffer()
+        if out:
+            self._to_server.append(out)
+        out = self.server_io.getOutBuffer()
+        if out:
+            self._to_client.append(out)
+        if self._to_server and not self.hold_to_server:
+            data, self._to_server = b"".join(self._to_server), []
+            self.server_io.bufferReceived(data)
+            moved = True
+        if self._to_client and not self.hold_to_client:
+            data, self._to_client = b"".join(self._to_client), []
+            self.client_io.bufferReceived(data)
+            moved = True
+        if moved:
+            return True
+        # Like iosim.IOPump: a side that asked to disconnect is disconnected
+        # once its output has been delivered.
+        if self.server_io.disconnecting and not self.server_io.disconnected:
+            self.server_io.disconnected = True
+            self.client_io.disconnecting = True
+            self.client_io.reportDisconnect()
+            return True
+        if self.client_io.disconnecting and not self.client_io.disconnected:
+            self.client_io.disconnected = True
+            self.server_io.disconnecting = True
+            self.server_io.reportDisconnect()
+            return True
+        return False
+
+    def flush(self) -> None:
+        for _ in range(10_000):
+            if not self.pump():
+                return
+        raise AssertionError("the wire never went quiet")
+
+
+@implementer(IStreamClientEndpoint)
+class MemoryEndpoint:
+    """Each connect() builds a server transport and joins it with a `Wire`."""
+
+    def __init__(self, server_factory: SSHMuxFactory, clock: Clock) -> None:
+        self.server_factory = server_factory
+        self.clock = clock
+        self.wires: list[Wire] = []
+        self.servers: list[MuxServerTransport] = []
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        client = factory.buildProtocol(MASTER_ADDRESS)
+        server = self.server_factory.buildProtocol(WORKER_HOST_ADDRESS)
+        client_io = FakeTransport(
+            client, isServer=False, hostAddress=WORKER_HOST_ADDRESS, peerAddress=MASTER_ADDRESS
+        )
+        server_io = FakeTransport(
+            server, isServer=True, hostAddress=MASTER_ADDRESS, peerAddress=WORKER_HOST_ADDRESS
+        )
+        server.makeConnection(server_io)
+        client.makeConnection(client_io)
+        self.wires.append(Wire(client_io, server_io, self.clock))
+        self.servers.append(server)
+        return defer.succeed(client)
+
+
+def clocked_services(clock: Clock) -> dict[bytes, Any]:
+    """The server's services, with userauth's login timeout on ``clock``."""
+    auth = type("ClockedUserAuthServer", (userauth.SSHUserAuthServer,), {"clock": clock})
+    return {b"ssh-userauth": auth, b"ssh-connection": MuxServerConnection}
+
+
+class Echo(pb.Avatar):
+    """What a worker name logs in to: echoes, and records its calls."""
+
+    def __init__(self, name: bytes) -> None:
+        self.name = name
+        self.calls: list[Any] = []
+
+    def perspective_echo(self, value: Any) -> Any:
+        self.calls.append(value)
+        return value
+
+
+@implementer(portal.IRealm)
+class EchoRealm:
+    def __init__(self) -> None:
+        self.avatars: list[Echo] = []
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        assert pb.IPerspective in interfaces
+        avatar = Echo(avatarId)
+        self.avatars.append(avatar)
+        return pb.IPerspective, avatar, lambda: None
+
+
+class RecordingChecker(checkers.InMemoryUsernamePasswordDatabaseDontUse):
+    """The master's password checker, remembering who it was asked about."""
+
+    def __init__(self, **users: bytes) -> None:
+        super().__init__(**users)
+        self.asked: list[bytes] = []
+
+    def requestAvatarId(self, credentials: Any) -> Any:
+        self.asked.append(credentials.username)
+        return super().requestAvatarId(credentials)
+
+
+def pb_portal(**users: bytes) -> tuple[portal.Portal, RecordingChecker, EchoRealm]:
+    checker = RecordingChecker(**users)
+    realm = EchoRealm()
+    return portal.Portal(realm, [checker]), checker, realm
+
+
+class LogCapture:
+    """Every log event emitted while attached, with formatted text."""
+
+    def __init__(self, testcase: TestCase) -> None:
+        self.events: list[LogEvent] = []
+        observer = implementer(ILogObserver)(lambda e: self.events.append(e))  # type: ignore[misc]
+        globalLogPublisher.addObserver(observer)
+        testcase.addCleanup(globalLogPublisher.removeObserver, observer)
+
+    def texts(self) -> list[str]:
+        return [formatEvent(e) or "" for e in self.events]
+
+    def matching(self, *fragments: str) -> list[str]:
+        return [t for t in self.texts() if all(f in t for f in fragments)]
+
+
+class SSHPair:
+    """A real SSHMuxFactory and a real MasterLink, joined in memory."""
+
+    def __init__(
+        self,
+        testcase: TestCase,
+        *,
+        entries: Iterable[HostEntry] | None = None,
+        pb_lookup: Callable[[], tuple[int, portal.Portal, bool]] | None = None,
+        identity: keys.Key = HOST_KEY,
+        pins: HostKeyPins | None = None,
+        server_limits: FlowLimits = FlowLimits(),
+        client_limits: FlowLimits = FlowLimits(),
+        server_factory: type[SSHMuxFactory] = SSHMuxFactory,
+    ) -> None:
+        self.clock = Clock()
+        self.entry = HostEntry(name="debian-sid", key=HOST_KEY.public(), workers=("*-debian-sid",))
+        self.entries = list(entries) if entries is not None else [self.entry]
+        self.portal, self.checker, self.realm = pb_portal(
+            **{"libxml2-debian-sid": b"pw", "glib-fedora": b"pw"}
+        )
+        self.pb_lookup_calls = 0
+
+        def default_lookup() -> tuple[int, portal.Portal, bool]:
+            self.pb_lookup_calls += 1
+            return PB_PORT, self.portal, False
+
+        self.factory = server_factory(
+            [MASTER_KEY], lambda: self.entries, pb_lookup or default_lookup, self.clock, server_limits
+        )
+        self.factory.services = clocked_services(self.clock)
+        self.factory.doStart()
+        testcase.addCleanup(self.factory.doStop)
+        self.endpoint = MemoryEndpoint(self.factory, self.clock)
+        if pins is None:
+            pins = HostKeyPins.from_config([MASTER_KEY.public().toString("OPENSSH").decode()])
+        self.link = MasterLink(
+            self.clock,
+            "master.example.org",
+            2222,
+            identity,
+            pins,
+            limits=client_limits,
+            retry_delay=lambda attempt: 5.0,
+            endpoint=self.endpoint,
+        )
+        testcase.addCleanup(self.close)
+
+    @property
+    def wire(self) -> Wire:
+        return self.endpoint.wires[-1]
+
+    @property
+    def server(self) -> MuxServerTransport:
+        return self.endpoint.servers[-1]
+
+    @property
+    def server_connection(self) -> MuxServerConnection:
+        return self.server.service  # type: ignore[return-value]
+
+    def client_transport(self) -> MuxClientTransport:
+        return self.link._transport  # type: ignore[return-value]
+
+    def start(self) -> None:
+        self.link.startService()
+        self.wire.flush()
+
+    def connection(self) -> MuxClientConnection:
+        """The authenticated client connection (fails the test if there is none)."""
+        d = self.link.when_ready()
+        assert d.called, "the link is not connected"
+        result: list[MuxClientConnection] = []
+        d.addCallback(result.append)
+        return result[0]
+
+    def flush(self) -> None:
+        self.wire.flush()
+
+    def close(self) -> None:
+        if self.link.running:
+            d = self.link.stopService()
+            if self.endpoint.wires:
+                self.wire.hold_to_client = self.wire.hold_to_server = False
+                self.wire.flush()
+            d.addErrback(lambda _: None)
+        # Anything left on the clock (redials, retries) is dropped.
+        for call in self.clock.getDelayedCalls():
+            call.cancel()

@@ -1,0 +1,250 @@
+"""The ``ssh-worker`` TOML configuration: good files load, bad ones say what is wrong."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+from twisted.trial.unittest import TestCase
+
+from buildbot_sshmux import launcher_config
+from buildbot_sshmux.errors import ConfigError
+
+from .tmpdirs import scratch_dir
+
+PIN = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"
+
+ONE_MASTER = f"""
+[master]
+address = "buildmaster.example.org:2222"
+host_key = "{PIN}"
+identity = "id_ed25519"
+pb_port = 9990
+
+[[worker]]
+name = "libxml2-debian-sid"
+password = "s3cret"
+basedir = "workers/libxml2"
+"""
+
+
+class LauncherConfigTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = scratch_dir(self)
+        self.path = self.dir / "ssh-worker.toml"
+
+    def load(self, text: str) -> launcher_config.LauncherConfig:
+        self.path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return launcher_config.load(self.path)
+
+    def assertConfigError(self, text: str, *fragments: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(text)
+        message = str(caught.exception)
+        self.assertIn(str(self.path), message)
+        for fragment in fragments:
+            self.assertIn(fragment, message)
+        return message
+
+    # good files
+
+    def test_one_master(self) -> None:
+        config = self.load(ONE_MASTER)
+        [master] = config.masters
+        self.assertEqual((master.host, master.port), ("buildmaster.example.org", 2222))
+        self.assertEqual(master.host_keys, (PIN,))
+        self.assertEqual(master.pb_port, 9990)
+        self.assertEqual(master.username, "buildbot-worker")
+        self.assertIsNone(master.known_hosts)
+        [worker] = config.workers
+        self.assertEqual(worker.name, "libxml2-debian-sid")
+        self.assertEqual(worker.password, "s3cret")
+        self.assertEqual(worker.master, master.name)
+        self.assertEqual(worker.keepalive, 600)
+
+    def test_relative_paths_are_resolved_against_the_config_files_directory(self) -> None:
+        (self.dir / "pw").write_text("from-a-file\n")
+        config = self.load(
+            f"""
+            [master]
+            address = "m:22"
+            known_hosts = "known_hosts"
+            identity = "keys/id_ed25519"
+            identity_passphrase_file = "keys/passphrase"
+
+            [[worker]]
+            name = "w"
+            password_file = "pw"
+            """
+        )
+        master = config.masters[0]
+        base = self.path.absolute().parent
+        self.assertEqual(master.identity, base / "keys" / "id_ed25519")
+        self.assertEqual(master.known_hosts, base / "known_hosts")
+        self.assertEqual(master.identity_passphrase_file, base / "keys" / "passphrase")
+        self.assertEqual(config.workers[0].basedir, base / "workers" / "w")
+        self.assertEqual(config.workers[0].password, "from-a-file")
+
+    def test_relative_paths_do_not_depend_on_the_working_directory(self) -> None:
+        config = self.load(ONE_MASTER)
+        self.assertTrue(config.workers[0].basedir.is_absolute())
+        self.assertEqual(config.workers[0].basedir, self.path.absolute().parent / "workers" / "libxml2")
+
+    def test_absolute_paths_are_kept(self) -> None:
+        config = self.load(ONE_MASTER.replace('"id_ed25519"', '"/etc/ssh-worker/id"'))
+        self.assertEqual(config.masters[0].identity, Path("/etc/ssh-worker/id"))
+
+    def test_address_without_port_means_22_and_ipv6_brackets(self) -> None:
+        config = self.load(ONE_MASTER.replace("buildmaster.example.org:2222", "buildmaster"))
+        self.assertEqual((config.masters[0].host, config.masters[0].port), ("buildmaster", 22))
+        config2 = launcher_config.load(self._write_other(ONE_MASTER.replace("buildmaster.example.org:2222", "[::1]:2200")))
+        self.assertEqual((config2.masters[0].host, config2.masters[0].port), ("::1", 2200))
+
+    def _write_other(self, text: str) -> Path:
+        path = self.dir / "other.toml"
+        path.write_text(text)
+        return path
+
+    def test_several_host_keys(self) -> None:
+        config = self.load(ONE_MASTER.replace(f'host_key = "{PIN}"', f'host_key = ["{PIN}", "SHA256:x"]'))
+        self.assertEqual(config.masters[0].host_keys, (PIN, "SHA256:x"))
+
+    def test_several_masters_with_named_workers(self) -> None:
+        config = self.load(
+            f"""
+            [[master]]
+            name = "east"
+            address = "east.example.org:2222"
+            host_key = "{PIN}"
+            identity = "id"
+
+            [[master]]
+            name = "west"
+            address = "west.example.org:2222"
+            host_key = "{PIN}"
+            identity = "id"
+
+            [[worker]]
+            name = "a"
+            password = "p"
+            master = "west"
+
+            [[worker]]
+            name = "b"
+            password = "p"
+            master = "east"
+            """
+        )
+        self.assertEqual([m.name for m in config.masters], ["east", "west"])
+        self.assertEqual({w.name: w.master for w in config.workers}, {"a": "west", "b": "east"})
+
+    # bad files
+
+    def test_missing_master_section(self) -> None:
+        self.assertConfigError(
+            """
+            [[worker]]
+            name = "w"
+            password = "p"
+            """,
+            "no [master] section",
+        )
+
+    def test_unknown_top_level_section(self) -> None:
+        self.assertConfigError(ONE_MASTER + "\n[logging]\nlevel = 1\n", "unknown section [logging]")
+
+    def test_unknown_master_key(self) -> None:
+        self.assertConfigError(
+            ONE_MASTER.replace("pb_port = 9990", "pb_port = 9990\nhostkey = 'x'"),
+            "[master]",
+            "unknown key 'hostkey'",
+        )
+
+    def test_unknown_worker_key(self) -> None:
+        self.assertConfigError(ONE_MASTER + 'passwd = "x"\n', "[[worker]] #1", "unknown key 'passwd'")
+
+    def test_password_and_password_file_together(self) -> None:
+        self.assertConfigError(ONE_MASTER + 'password_file = "pw"\n', "libxml2-debian-sid", "not both")
+
+    def test_neither_password_nor_password_file(self) -> None:
+        self.assertConfigError(ONE_MASTER.replace('password = "s3cret"\n', ""), "password or password_file is missing")
+
+    def test_unreadable_password_file(self) -> None:
+        text = ONE_MASTER.replace('password = "s3cret"', 'password_file = "nope"')
+        self.assertConfigError(text, "password_file", str(self.dir.absolute() / "nope"))
+
+    def test_no_host_key_pin(self) -> None:
+        self.assertConfigError(ONE_MASTER.replace(f'host_key = "{PIN}"\n', ""), "no host_key or known_hosts")
+
+    def test_missing_identity(self) -> None:
+        self.assertConfigError(ONE_MASTER.replace('identity = "id_ed25519"\n', ""), "identity")
+
+    def test_bad_address(self) -> None:
+        self.assertConfigError(ONE_MASTER.replace("buildmaster.example.org:2222", "host:port"), "HOST:PORT")
+
+    def test_not_toml(self) -> None:
+        self.assertConfigError("[master\n", "not valid TOML")
+
+    def test_missing_file(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            launcher_config.load(self.dir / "absent.toml")
+        self.assertIn("cannot be read", str(caught.exception))
+
+    def test_no_workers(self) -> None:
+        self.assertConfigError(ONE_MASTER.split("[[worker]]")[0], "no [[worker]]")
+
+    def test_worker_listed_twice(self) -> None:
+        text = ONE_MASTER + '\n[[worker]]\nname = "libxml2-debian-sid"\npassword = "p"\n'
+        self.assertConfigError(text, "'libxml2-debian-sid' is listed twice")
+
+    def test_worker_without_a_name(self) -> None:
+        self.assertConfigError(ONE_MASTER.replace('name = "libxml2-debian-sid"\n', ""), "name is missing")
+
+    def test_several_masters_need_a_master_per_worker(self) -> None:
+        self.assertConfigError(
+            f"""
+            [[master]]
+            name = "east"
+            address = "east:2222"
+            host_key = "{PIN}"
+            identity = "id"
+
+            [[master]]
+            name = "west"
+            address = "west:2222"
+            host_key = "{PIN}"
+            identity = "id"
+
+            [[worker]]
+            name = "a"
+            password = "p"
+            """,
+            "several masters",
+            'master = "NAME"',
+        )
+
+    def test_worker_naming_an_unknown_master(self) -> None:
+        self.assertConfigError(ONE_MASTER + 'master = "north"\n', "'north'")
+
+    def test_two_masters_with_the_same_name(self) -> None:
+        self.assertConfigError(
+            f"""
+            [[master]]
+            name = "m"
+            address = "a:1"
+            host_key = "{PIN}"
+            identity = "id"
+
+            [[master]]
+            name = "m"
+            address = "b:1"
+            host_key = "{PIN}"
+            identity = "id"
+
+            [[worker]]
+            name = "w"
+            password = "p"
+            master = "m"
+            """,
+            "same name",
+        )
