@@ -31,6 +31,7 @@ from twisted.conch.ssh.channel import SSHChannel
 from twisted.internet import error, interfaces
 from twisted.internet.interfaces import IAddress, IProtocol, IPullProducer, IPushProducer
 from twisted.logger import Logger
+from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -133,6 +134,7 @@ class ProtocolChannel(SSHChannel):
         self._reading_paused = False
         self._throttled = False
         self._closing_cleanly = False
+        self._peer_closed = False
 
     @property
     def _budget(self) -> ConnectionBudget:
@@ -148,9 +150,13 @@ class ProtocolChannel(SSHChannel):
     def channelOpen(self, specificData: bytes) -> None:
         self.protocol.makeConnection(self)
 
+    def logPrefix(self) -> str:
+        return self.label or "ProtocolChannel"
+
     def dataReceived(self, data: bytes) -> None:
         if not self.disconnected:
-            self.protocol.dataReceived(data)
+            # Legacy log.msg() calls made by the protocol (Buildbot's) carry our label.
+            legacy_log.callWithContext({"system": self.label}, self.protocol.dataReceived, data)
 
     def extReceived(self, dataType: int, data: bytes) -> None:
         log.warn("{label}: ignored {n} bytes of extended data", label=self.label, n=len(data))
@@ -172,16 +178,17 @@ class ProtocolChannel(SSHChannel):
 
     def closeReceived(self) -> None:
         # The peer takes no more data: what is still queued is lost.
+        self._peer_closed = True
         self._drop_pending()
         self.conn.sendClose(self)  # type: ignore[union-attr]
 
     def closed(self) -> None:
         self._drop_pending()
         self._budget.unwatch(self)
-        if self._closing_cleanly:
+        if self._closing_cleanly or self._peer_closed:
             self._notify_lost(Failure(error.ConnectionDone("channel closed")))
         else:
-            self._notify_lost(Failure(error.ConnectionLost("channel closed by the peer")))
+            self._notify_lost(Failure(error.ConnectionLost("the SSH connection was lost")))
 
     def _notify_lost(self, reason: Failure) -> None:
         """Tell the protocol, once, that its transport is gone."""

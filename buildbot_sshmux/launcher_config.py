@@ -70,6 +70,20 @@ def _fail(path: Path, where: str, message: str) -> ConfigError:
     return ConfigError(f"{path}: {where}: {message}")
 
 
+def _int(path: Path, where: str, table: dict[str, Any], key: str, default: int | None) -> Any:
+    value = table.get(key, default)
+    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+        return value
+    raise _fail(path, where, f"{key} must be an integer, not {value!r}")
+
+
+def _str(path: Path, where: str, table: dict[str, Any], key: str) -> str | None:
+    value = table.get(key)
+    if value is None or isinstance(value, str):
+        return value
+    raise _fail(path, where, f"{key} must be a string, not {value!r}")
+
+
 def _split_address(path: Path, where: str, address: Any) -> tuple[str, int]:
     if not isinstance(address, str) or not address:
         raise _fail(path, where, 'address must be "HOST:PORT"')
@@ -91,8 +105,12 @@ def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
         raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(MASTER_KEYS))})")
     host, port = _split_address(path, where, table.get("address"))
     pins = table.get("host_key", ())
-    pins = (pins,) if isinstance(pins, str) else tuple(pins)
-    known_hosts = table.get("known_hosts")
+    pins = (pins,) if isinstance(pins, str) else pins
+    if not isinstance(pins, (list, tuple)) or not all(isinstance(p, str) for p in pins):
+        raise _fail(path, where, "host_key must be a key line, a SHA256: fingerprint, or a list of them")
+    known_hosts = _str(path, where, table, "known_hosts")
+    for key in ("identity", "identity_passphrase_file", "username", "name"):
+        _str(path, where, table, key)
     if not pins and not known_hosts:
         raise _fail(
             path, where,
@@ -112,7 +130,7 @@ def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
         identity_passphrase_file=(
             base / str(table["identity_passphrase_file"]) if "identity_passphrase_file" in table else None
         ),
-        pb_port=int(table.get("pb_port", 9989)),
+        pb_port=_int(path, where, table, "pb_port", 9989),
         username=str(table.get("username", "buildbot-worker")),
     )
 
@@ -128,6 +146,8 @@ def _worker(path: Path, index: int, table: Any, masters: dict[str, MasterConfig]
     if not isinstance(name, str) or not name:
         raise _fail(path, where, "name is missing")
     where = f"worker {name!r}"
+    for key in ("password", "password_file", "basedir", "master"):
+        _str(path, where, table, key)
     if "password" in table and "password_file" in table:
         raise _fail(path, where, "give password or password_file, not both")
     if "password_file" in table:
@@ -154,8 +174,8 @@ def _worker(path: Path, index: int, table: Any, masters: dict[str, MasterConfig]
         password=password,
         basedir=basedir,
         master=master,
-        keepalive=int(table.get("keepalive", 600)),
-        umask=table.get("umask"),
+        keepalive=_int(path, where, table, "keepalive", 600),
+        umask=_int(path, where, table, "umask", None),
     )
 
 

@@ -26,7 +26,8 @@ from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import Logger
+from twisted.logger import LogLevel, Logger
+from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
@@ -189,8 +190,23 @@ class HostRealm:
         return IConchUser, avatar, avatar.logout
 
 
+class _RefusalsLogged(Logger):
+    """Conch logs a refused channel open with a traceback; `HostAvatar.refuse`
+    has already said it in one line, so such failures are dropped here."""
+
+    def failure(  # type: ignore[override]
+        self, format: str, failure: Failure | None = None, level: LogLevel = LogLevel.critical, **kw: Any
+    ) -> None:
+        failure = failure if failure is not None else Failure()
+        if failure.check(ConchError):
+            return
+        super().failure(format, failure, level, **kw)
+
+
 class MuxServerConnection(FlowControlledConnection):
     """The server's ``ssh-connection`` service, with flow-controlled channels."""
+
+    _log = _RefusalsLogged()
 
     def serviceStarted(self) -> None:
         self.limits = self.transport.factory.limits

@@ -11,14 +11,24 @@ from buildbot_sshmux.errors import SSHMuxError
 
 def cmd_run(args: argparse.Namespace) -> int:
     from twisted.internet import reactor
-    from twisted.logger import globalLogBeginner, textFileLogObserver
+    from twisted.logger import (
+        FilteringLogObserver,
+        LogLevel,
+        LogLevelFilterPredicate,
+        globalLogBeginner,
+        textFileLogObserver,
+    )
 
     from buildbot_sshmux import launcher_config
     from buildbot_sshmux.launcher import Launcher
 
     config = launcher_config.load(args.config)
     launcher = Launcher(config, reactor)
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
+    level = LogLevel.debug if args.debug else LogLevel.info
+    observer = FilteringLogObserver(
+        textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(defaultLogLevel=level)]
+    )
+    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     reactor.callWhenRunning(launcher.startService)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: launcher.stop_within(reactor, args.stop_timeout)
@@ -61,6 +71,7 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--stop-timeout", type=float, default=10.0, help="seconds to wait for a clean stop"
     )
+    run.add_argument("--debug", action="store_true", help="log SSH protocol details too")
     run.set_defaults(func=cmd_run)
     keygen = sub.add_parser("keygen", help="make this host's SSH key (ed25519, mode 0600)")
     keygen.add_argument("path", nargs="?", default="id_ed25519")

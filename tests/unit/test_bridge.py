@@ -344,7 +344,7 @@ class ConnectionLostOnceTests(BridgeTestCase):
         server_channel.loseConnection()
         self.pair.flush()
         self.assertEqual(len(client.lost), 1)
-        self.assertTrue(client.lost[0].check(error.ConnectionLost))
+        self.assertTrue(client.lost[0].check(error.ConnectionDone))
         self.assertEqual(len(server.lost), 1)
         self.assertTrue(server.lost[0].check(error.ConnectionDone))
         self.assertEqual(self.pair.connection().channels, {})
