@@ -94,22 +94,31 @@ class SSHMuxService(service.BuildbotService):
             endpoints.serverFromString(None, str(port) if ":" in str(port) else f"tcp:{port}")
         except (ValueError, KeyError) as e:
             config.error(f"SSHMuxService: port {port!r} is not a Twisted strports description ({e})")
-        # master.cfg is read with the master's basedir as working directory.
+        # `buildbot start` and `buildbot checkconfig` (without arguments) read
+        # master.cfg from the master's basedir; elsewhere relative paths are
+        # checked when the service starts.
         basedir = os.getcwd()
+        paths = [*host_keys, *([authorized_hosts] if authorized_hosts else [])]
+        in_basedir = any(Path(basedir, f).exists() for f in ("buildbot.tac", "master.cfg"))
+        if in_basedir or all(os.path.isabs(os.path.expanduser(p)) for p in paths):
+            self._check_files(basedir, host_keys, authorized_hosts)
+        _entries, errors = _load_entries(basedir, None, hosts)
+        for message in errors:
+            config.error(message)
+
+    @staticmethod
+    def _check_files(basedir: str, host_keys: Sequence[str], authorized_hosts: str | None) -> None:
         try:
             _load_host_keys(basedir, host_keys)
         except KeyFileError as e:
             config.error(f"SSHMuxService: {e}")
-        try:
-            _entries, errors = _load_entries(basedir, authorized_hosts, hosts)
-        except OSError as e:
-            config.error(
-                f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})"
-            )
-        else:
-            for message in errors:
-                if message.startswith("SSHMuxService(hosts=...)"):
-                    config.error(message)
+        if authorized_hosts is not None:
+            try:
+                _load_entries(basedir, authorized_hosts, ())
+            except OSError as e:
+                config.error(
+                    f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})"
+                )
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -136,7 +145,12 @@ class SSHMuxService(service.BuildbotService):
             loaded_keys = _load_host_keys(basedir, host_keys)
         except KeyFileError as e:
             config.error(f"SSHMuxService: {e}")
-        self.entries, errors = _load_entries(basedir, authorized_hosts, hosts)
+        try:
+            self.entries, errors = _load_entries(basedir, authorized_hosts, hosts)
+        except OSError as e:
+            config.error(
+                f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})"
+            )
         for message in errors:
             log.error("{message}", message=message)
         listen_args = (str(port), tuple(fingerprint(k) for k in loaded_keys))

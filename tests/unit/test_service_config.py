@@ -1,0 +1,70 @@
+"""SSHMuxService.checkConfig: every fault becomes one config error naming what to fix."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from buildbot.config.errors import capture_config_errors
+from twisted.trial import unittest
+
+from buildbot_sshmux.keys import generate_ed25519, public_line, write_private_key
+from buildbot_sshmux.service import SSHMuxService
+from tests.unit.tmpdirs import scratch_dir
+
+
+def config_errors(**kwargs: object) -> list[str]:
+    with capture_config_errors() as errors:
+        SSHMuxService(**kwargs)
+    return list(errors.errors)
+
+
+class CheckConfigTests(unittest.TestCase):
+    def setUp(self) -> None:
+        self.dir = scratch_dir(self)
+        self.host_key = self.dir / "ssh_host_ed25519_key"
+        write_private_key(self.host_key, generate_ed25519())
+        self.hosts = self.dir / "authorized_hosts"
+        self.hosts.write_text(public_line(generate_ed25519(), "hosta") + "\n")
+
+    def test_good_config_has_no_errors(self) -> None:
+        self.assertEqual(
+            config_errors(host_keys=[str(self.host_key)], authorized_hosts=str(self.hosts)), []
+        )
+
+    def test_missing_host_key(self) -> None:
+        errors = config_errors(host_keys=[str(self.dir / "nope")], authorized_hosts=str(self.hosts))
+        self.assertEqual(len(errors), 1)
+        self.assertIn("does not exist", errors[0])
+
+    def test_host_key_readable_by_others(self) -> None:
+        os.chmod(self.host_key, 0o644)
+        errors = config_errors(host_keys=[str(self.host_key)], authorized_hosts=str(self.hosts))
+        self.assertEqual(len(errors), 1)
+        self.assertIn(f"chmod 600 {self.host_key}", errors[0])
+
+    def test_unreadable_authorized_hosts(self) -> None:
+        errors = config_errors(host_keys=[str(self.host_key)], authorized_hosts=str(self.dir / "none"))
+        self.assertEqual(len(errors), 1)
+        self.assertIn("cannot be read", errors[0])
+
+    def test_no_hosts_at_all(self) -> None:
+        errors = config_errors(host_keys=[str(self.host_key)])
+        self.assertTrue(any("no worker host may log in" in e for e in errors), errors)
+
+    def test_host_keys_given_as_a_string(self) -> None:
+        errors = config_errors(host_keys=str(self.host_key), authorized_hosts=str(self.hosts))
+        self.assertIn("must be a list", errors[0])
+
+    def test_bad_inline_host_names_its_position(self) -> None:
+        good = public_line(generate_ed25519(), "hostb")
+        errors = config_errors(host_keys=[str(self.host_key)], hosts=[good, "frobnicate=1 " + good])
+        self.assertEqual(len(errors), 1)
+        self.assertIn("SSHMuxService(hosts=...):2", errors[0])
+
+    def test_bad_port_description(self) -> None:
+        errors = config_errors(
+            port="nonsense:1:2", host_keys=[str(self.host_key)], authorized_hosts=str(self.hosts)
+        )
+        self.assertEqual(len(errors), 1)
+        self.assertIn("strports", errors[0])
