@@ -25,6 +25,7 @@ class HostPortal(portal.Portal):
         # realm stay the wrapped (master's) portal's.
         self.wrapped = wrapped
         self.entry = entry
+        self.worker_name: str | None = None
 
     def login(self, credentials: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
         username = credentials.username
@@ -40,7 +41,13 @@ class HostPortal(portal.Portal):
                 allowed=",".join(self.entry.workers),
             )
             return defer.fail(error.UnauthorizedLogin())
-        return self.wrapped.login(credentials, mind, *interfaces)
+        d = self.wrapped.login(credentials, mind, *interfaces)
+
+        def logged_in(result: Any) -> Any:
+            self.worker_name = username
+            return result
+
+        return d.addCallback(logged_in)
 
     def listCredentialsInterfaces(self) -> list[Any]:
         return self.wrapped.listCredentialsInterfaces()

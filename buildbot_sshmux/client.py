@@ -45,17 +45,25 @@ def backoff(
     return delay
 
 
+def _algorithms(key_type: bytes) -> list[bytes]:
+    """Host key algorithm names that sign with a key of this type."""
+    if key_type == b"ssh-rsa":
+        return [b"rsa-sha2-512", b"rsa-sha2-256", b"ssh-rsa"]
+    return [key_type]
+
+
 @frozen
 class HostKeyPins:
     """The master host keys a launcher accepts: pinned keys, fingerprints, known_hosts."""
 
     fingerprints: tuple[str, ...] = ()
     known_hosts: Path | None = None
+    key_types: tuple[bytes, ...] = ()
 
     @classmethod
     def from_config(cls, pins: Sequence[str], known_hosts: Path | None = None) -> HostKeyPins:
         """Each pin is an OpenSSH public key line or a ``SHA256:`` fingerprint."""
-        prints = []
+        prints, types = [], []
         for pin in pins:
             pin = pin.strip()
             if pin.startswith("SHA256:"):
@@ -64,19 +72,30 @@ class HostKeyPins:
                 fields = pin.split()
                 key = keys.Key.fromString(" ".join(fields[:2]).encode("ascii"))
                 prints.append(fingerprint(key))
-        return cls(tuple(prints), known_hosts)
+                types.append(key.sshType())
+        return cls(tuple(prints), known_hosts, tuple(types))
+
+    def _known_entries(self, host: str, port: int) -> list[Any]:
+        if self.known_hosts is None:
+            return []
+        known = KnownHostsFile.fromPath(FilePath(str(self.known_hosts)))
+        names = [host.encode(), f"[{host}]:{port}".encode()]
+        return [e for e in known.iterentries() if any(e.matchesHost(n) for n in names)]
+
+    def preferred_algorithms(self, host: str, port: int) -> list[bytes]:
+        """Host key algorithms of the pinned keys, to be negotiated first.
+
+        A master rotating its key offers old and new (of different types); a
+        launcher must ask for the type it has pinned, as OpenSSH does.
+        """
+        types = list(self.key_types)
+        types += [getattr(e, "keyType", b"") for e in self._known_entries(host, port)]
+        return [alg for t in dict.fromkeys(types) if t for alg in _algorithms(t)]
 
     def accepts(self, host: str, port: int, key: keys.Key) -> bool:
         if fingerprint(key) in self.fingerprints:
             return True
-        if self.known_hosts is None:
-            return False
-        known = KnownHostsFile.fromPath(FilePath(str(self.known_hosts)))
-        names = [host.encode(), f"[{host}]:{port}".encode()]
-        return any(
-            entry.matchesKey(key) and any(entry.matchesHost(n) for n in names)
-            for entry in known.iterentries()
-        )
+        return any(entry.matchesKey(key) for entry in self._known_entries(host, port))
 
     def describe(self) -> list[str]:
         expected = list(self.fingerprints)
@@ -137,6 +156,9 @@ class MuxClientTransport(transport.SSHClientTransport):
 
     def __init__(self, link: MasterLink) -> None:
         self.link = link
+        # Pinned types first; with fingerprints only, ed25519 (what `init` makes).
+        pinned = link.pins.preferred_algorithms(link.host, link.port) + [b"ssh-ed25519"]
+        self.supportedPublicKeys = prefer(pinned, transport.SSHClientTransport.supportedPublicKeys)
 
     def verifyHostKey(self, hostKey: bytes, fp: bytes) -> defer.Deferred[bool]:
         key = keys.Key.fromString(hostKey)

@@ -6,7 +6,7 @@ import os
 import stat
 from pathlib import Path
 
-from cryptography.hazmat.primitives.asymmetric import ed25519
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
 from twisted.conch.ssh import keys
 
 from buildbot_sshmux.errors import KeyFileError
@@ -62,6 +62,17 @@ def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = No
 def generate_ed25519() -> keys.Key:
     """Make a fresh ed25519 key pair."""
     return keys.Key(ed25519.Ed25519PrivateKey.generate())
+
+
+def generate(kind: str = "ed25519") -> keys.Key:
+    """Make a fresh key pair: ed25519, ecdsa (P-256) or rsa (3072 bits)."""
+    if kind == "ed25519":
+        return generate_ed25519()
+    if kind == "ecdsa":
+        return keys.Key(ec.generate_private_key(ec.SECP256R1()))
+    if kind == "rsa":
+        return keys.Key(rsa.generate_private_key(public_exponent=65537, key_size=3072))
+    raise ValueError(f"unknown key type {kind!r} (ed25519, ecdsa, rsa)")
 
 
 def write_private_key(

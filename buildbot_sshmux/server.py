@@ -20,6 +20,7 @@ from twisted.conch.ssh import factory, forwarding, keys, transport, userauth
 from twisted.conch.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
+    OPEN_RESOURCE_SHORTAGE,
     OPEN_UNKNOWN_CHANNEL_TYPE,
 )
 from twisted.cred import credentials, error, portal
@@ -75,17 +76,32 @@ class AuthorizedHostsChecker:
 
     credentialInterfaces = (credentials.ISSHPrivateKey,)
 
-    def __init__(self, entries: Callable[[], Iterable[HostEntry]]) -> None:
+    def __init__(self, entries: Callable[[], Iterable[HostEntry]], peer: str | None = None) -> None:
         self._entries = entries
+        self._peer = peer
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[HostEntry]:
+        where = f" from {self._peer}" if self._peer else ""
         entry = next((e for e in self._entries() if e.key.blob() == creds.blob), None)
         if entry is None:
             try:
                 offered = fingerprint(keys.Key.fromString(creds.blob))
             except Exception:
                 offered = "an unparsable key"
-            log.info("refused key {fingerprint}: not in authorized_hosts", fingerprint=offered)
+            log.info(
+                "refused key {fingerprint}{where}: not in authorized_hosts",
+                fingerprint=offered,
+                where=where,
+            )
+            return defer.fail(error.UnauthorizedLogin())
+        if self._peer is not None and not entry.allows_address(self._peer):
+            if creds.signature is None:
+                log.warn(
+                    "refused host {host} ({fingerprint}){where}: not in its from= list",
+                    host=entry.name,
+                    fingerprint=entry.fingerprint,
+                    where=where,
+                )
             return defer.fail(error.UnauthorizedLogin())
         if creds.signature is None:
             return defer.fail(ValidPublicKey())
@@ -144,13 +160,17 @@ class HostAvatar(ConchUser):
                 f"a channel to {host}:{port} (only localhost:{pb_port}, the PB port, is allowed)",
                 OPEN_ADMINISTRATIVELY_PROHIBITED,
             )
+        limit = self.entry.max_channels
+        if limit is not None and len(self.pb_channels()) >= limit:
+            raise self.refuse(
+                f"a channel beyond its max-channels={limit}", OPEN_RESOURCE_SHORTAGE
+            )
         peer = self.peer_address()
         address = ChannelAddress(
             "TCP", getattr(peer, "host", "?"), getattr(peer, "port", 0), ssh_host=self.entry.name
         )
-        pb_factory = pb.PBServerFactory(
-            HostPortal(pb_portal, self.entry), unsafeTracebacks=unsafe_tracebacks
-        )
+        host_portal = HostPortal(pb_portal, self.entry)
+        pb_factory = pb.PBServerFactory(host_portal, unsafeTracebacks=unsafe_tracebacks)
         protocol = pb_factory.buildProtocol(address)
         local = ChannelAddress("TCP", "127.0.0.1", pb_port, ssh_host=self.entry.name)
         channel = ProtocolChannel(
@@ -164,8 +184,32 @@ class HostAvatar(ConchUser):
             remoteMaxPacket=maxPacket,
             avatar=self,
         )
+        channel.host_portal = host_portal
         log.debug("PB channel opened for {who}", who=self.describe())
         return channel
+
+    def pb_channels(self) -> list[ProtocolChannel]:
+        channels = getattr(self.conn, "channels", {}).values()
+        return [c for c in channels if isinstance(c, ProtocolChannel)]
+
+    def update_entry(self, entry: HostEntry) -> None:
+        """Apply a reloaded entry: close the sessions it no longer allows."""
+        self.entry = entry
+        for channel in self.pb_channels():
+            host_portal = getattr(channel, "host_portal", None)
+            if host_portal is None:
+                continue
+            host_portal.entry = entry
+            worker = host_portal.worker_name
+            if worker is not None and not entry.may_attach(worker):
+                log.warn(
+                    "{who} may no longer attach worker {worker!r} (workers={allowed});"
+                    " closing its session",
+                    who=self.describe(),
+                    worker=worker,
+                    allowed=",".join(entry.workers),
+                )
+                channel.loseConnection()
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
         if requestType != b"keepalive@openssh.com":
@@ -203,6 +247,17 @@ class _RefusalsLogged(Logger):
         super().failure(format, failure, level, **kw)
 
 
+class MuxUserAuthServer(userauth.SSHUserAuthServer):
+    """Public-key auth against the current entries, knowing the peer's address."""
+
+    def serviceStarted(self) -> None:
+        super().serviceStarted()
+        factory = self.transport.factory
+        peer = self.transport.transport.getPeer()
+        checker = AuthorizedHostsChecker(factory.entries, getattr(peer, "host", None))
+        self.portal = portal.Portal(factory.realm, [checker])
+
+
 class MuxServerConnection(FlowControlledConnection):
     """The server's ``ssh-connection`` service, with flow-controlled channels."""
 
@@ -234,7 +289,7 @@ class SSHMuxFactory(factory.SSHFactory):
 
     protocol = MuxServerTransport
     services = {
-        b"ssh-userauth": userauth.SSHUserAuthServer,
+        b"ssh-userauth": MuxUserAuthServer,
         b"ssh-connection": MuxServerConnection,
     }
 
@@ -250,8 +305,10 @@ class SSHMuxFactory(factory.SSHFactory):
         self.pb_lookup = pb_lookup
         self.reactor = reactor
         self.limits = limits
+        self.entries = entries
         self.connections: set[MuxServerTransport] = set()
-        self.portal = portal.Portal(HostRealm(self), [AuthorizedHostsChecker(entries)])
+        self.realm = HostRealm(self)
+        self.portal = portal.Portal(self.realm, [AuthorizedHostsChecker(entries)])
 
     def getPublicKeys(self) -> dict[bytes, keys.Key]:
         return {key.sshType(): key.public() for key in self.host_keys}
@@ -265,4 +322,26 @@ class SSHMuxFactory(factory.SSHFactory):
     def disconnect_all(self) -> None:
         for conn in list(self.connections):
             conn.loseConnection()
+
+    def apply_entries(self) -> None:
+        """Re-check every logged-in host against the current entries.
+
+        A host whose key was removed, or whose address ``from=`` no longer
+        allows, is disconnected; a host whose ``workers=`` narrowed loses
+        the sessions it may no longer run.  Other hosts are untouched.
+        """
+        by_key = {entry.key.blob(): entry for entry in self.entries()}
+        for conn in list(self.connections):
+            avatar = getattr(conn, "avatar", None)
+            if not isinstance(avatar, HostAvatar):
+                continue
+            entry = by_key.get(avatar.entry.key.blob())
+            peer = avatar.peer_address()
+            if entry is None or (peer is not None and not entry.allows_address(peer.host)):
+                log.warn("{who} is no longer authorized; disconnecting it", who=avatar.describe())
+                conn.sendDisconnect(
+                    transport.DISCONNECT_BY_APPLICATION, b"this host's key is no longer authorized"
+                )
+            elif entry != avatar.entry:
+                avatar.update_entry(entry)
 

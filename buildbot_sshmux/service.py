@@ -21,7 +21,7 @@ from buildbot import config
 from buildbot.util import service
 from twisted.conch.ssh import keys
 from twisted.cred import portal
-from twisted.internet import defer, endpoints
+from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
@@ -70,6 +70,8 @@ class SSHMuxService(service.BuildbotService):
     """An SSH server in the master: one connection per worker host, a channel per worker."""
 
     name: str | None = "sshmux"  # type: ignore[assignment]
+    reload_interval = 2.0
+    """Seconds between checks of authorized_hosts for edits."""
     compare_attrs: ClassVar[Sequence[str]] = ("name", "_config_args", "_config_kwargs")
 
     def checkConfig(  # type: ignore[override]
@@ -126,6 +128,10 @@ class SSHMuxService(service.BuildbotService):
         self.listening_port: IListeningPort | None = None
         self.entries: list[HostEntry] = []
         self._listen_args: tuple[Any, ...] | None = None
+        self._hosts_file: Path | None = None
+        self._hosts_inline: Sequence[str] = ()
+        self._hosts_stamp: tuple[int, int, int] | None = None
+        self._watch: task.LoopingCall | None = None
 
     @defer.inlineCallbacks
     def reconfigService(  # type: ignore[override]
@@ -145,14 +151,14 @@ class SSHMuxService(service.BuildbotService):
             loaded_keys = _load_host_keys(basedir, host_keys)
         except KeyFileError as e:
             config.error(f"SSHMuxService: {e}")
+        self._hosts_file = _resolve(basedir, authorized_hosts) if authorized_hosts else None
+        self._hosts_inline = hosts
         try:
-            self.entries, errors = _load_entries(basedir, authorized_hosts, hosts)
+            self._reload_hosts()
         except OSError as e:
             config.error(
                 f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})"
             )
-        for message in errors:
-            log.error("{message}", message=message)
         listen_args = (str(port), tuple(fingerprint(k) for k in loaded_keys))
         if listen_args != self._listen_args or self.factory is None:
             yield self._stop_listening()
@@ -169,11 +175,54 @@ class SSHMuxService(service.BuildbotService):
         yield super().startService()
         if self.listening_port is None and self.factory is not None:
             yield self._start_listening(self._port)
+        self._watch = task.LoopingCall(self._check_hosts_file)
+        self._watch.clock = self.master.reactor
+        self._watch.start(self.reload_interval, now=False)
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
+        if self._watch is not None and self._watch.running:
+            self._watch.stop()
         yield self._stop_listening()
         yield super().stopService()
+
+    def _file_stamp(self) -> tuple[int, int, int] | None:
+        if self._hosts_file is None:
+            return None
+        st = self._hosts_file.stat()
+        return (st.st_mtime_ns, st.st_size, st.st_ino)
+
+    def _reload_hosts(self) -> None:
+        """Read the entries afresh and apply them to the hosts logged in now."""
+        stamp = self._file_stamp()
+        basedir = self.master.basedir
+        path = str(self._hosts_file) if self._hosts_file is not None else None
+        self.entries, errors = _load_entries(basedir, path, self._hosts_inline)
+        self._hosts_stamp = stamp
+        for message in errors:
+            log.error("{message}", message=message)
+        if self.factory is not None:
+            self.factory.apply_entries()
+
+    def _check_hosts_file(self) -> None:
+        """Reload authorized_hosts when it was edited (an unreadable file changes nothing)."""
+        try:
+            if self._file_stamp() == self._hosts_stamp:
+                return
+            self._reload_hosts()
+        except OSError as e:
+            if self._hosts_stamp is not None:
+                log.error(
+                    "authorized_hosts {path} cannot be read ({error}); keeping the entries"
+                    " loaded before",
+                    path=self._hosts_file,
+                    error=e.strerror,
+                )
+            self._hosts_stamp = None
+            return
+        log.info(
+            "authorized_hosts {path} reloaded: {count} hosts", path=self._hosts_file, count=len(self.entries)
+        )
 
     @defer.inlineCallbacks
     def _start_listening(self, port: str) -> Any:

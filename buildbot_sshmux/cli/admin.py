@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from buildbot_sshmux.cli import hosts
 from buildbot_sshmux.errors import SSHMuxError
 
 SNIPPET = """\
@@ -14,37 +15,54 @@ from buildbot_sshmux import SSHMuxService
 c['protocols'] = {{'pb': {{'port': 'tcp:9989:interface=127.0.0.1'}}}}
 c['services'].append(SSHMuxService(
     port='tcp:{port}',
-    host_keys=['sshmux/ssh_host_ed25519_key'],
+    host_keys=['sshmux/{key}'],
     authorized_hosts='sshmux/authorized_hosts'))"""
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from buildbot_sshmux.keys import fingerprint, generate_ed25519, public_line, write_private_key
+    from buildbot_sshmux.keys import fingerprint, generate, public_line, write_private_key
 
     basedir = Path(args.basedir)
     if not basedir.is_dir():
         raise SSHMuxError(f"{basedir} is not a directory; create the master first (buildbot create-master)")
     sshmux = basedir / "sshmux"
     sshmux.mkdir(mode=0o700, exist_ok=True)
-    key_path = sshmux / "ssh_host_ed25519_key"
+    key_path = sshmux / f"ssh_host_{args.type}_key"
     if key_path.exists():
-        raise SSHMuxError(f"{key_path} exists: this master is already initialised")
-    key = generate_ed25519()
+        raise SSHMuxError(f"{key_path} exists: this master already has a {args.type} host key")
+    key = generate(args.type)
     write_private_key(key_path, key, "buildbot-sshmux host key")
     hosts = sshmux / "authorized_hosts"
+    wrote = [str(key_path)]
     if not hosts.exists():
+        wrote.append(str(hosts))
         fd = os.open(hosts, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         with os.fdopen(fd, "w") as f:
             f.write(
                 '# one line per worker host: host="NAME",workers="GLOB,..." ssh-ed25519 AAAA... comment\n'
             )
     host, _, port = args.address.rpartition(":")
-    print(f"wrote {key_path} (mode 0600) and {hosts}")
+    print(f"wrote {' and '.join(wrote)} (mode 0600)")
     print(f"host key fingerprint: {fingerprint(key)}")
     print("known_hosts line for worker hosts:")
     print(f"[{host}]:{port} {public_line(key)}")
     print("add to master.cfg:")
-    print(SNIPPET.format(port=port))
+    print(SNIPPET.format(port=port, key=key_path.name))
+    return 0
+
+
+def cmd_hostkey(args: argparse.Namespace) -> int:
+    from buildbot_sshmux.keys import fingerprint, load_private_key, public_line
+
+    paths = [Path(p) for p in args.key] or sorted(Path(args.basedir, "sshmux").glob("ssh_host_*_key"))
+    if not paths:
+        raise SSHMuxError(f"no host key in {args.basedir}/sshmux; make one with: buildbot-sshmux init")
+    host, _, port = args.address.rpartition(":")
+    name = host if port == "22" else f"[{host}]:{port}"
+    for path in paths:
+        key = load_private_key(path)
+        print(f"# {path.name}: {fingerprint(key)}")
+        print(f"{name} {public_line(key)}")
     return 0
 
 
@@ -62,7 +80,14 @@ def parser() -> argparse.ArgumentParser:
     init.add_argument(
         "--address", default="buildmaster.example.org:2222", help="HOST:PORT workers dial (for the known_hosts line)"
     )
+    init.add_argument("--type", choices=["ed25519", "ecdsa", "rsa"], default="ed25519")
     init.set_defaults(func=cmd_init)
+    hostkey = sub.add_parser("hostkey", help="print known_hosts lines of the master's host keys")
+    hostkey.add_argument("basedir", help="the Buildbot master's basedir")
+    hostkey.add_argument("--address", default="buildmaster.example.org:2222", help="HOST:PORT workers dial")
+    hostkey.add_argument("--key", action="append", default=[], help="a host key file (default: all in BASEDIR/sshmux)")
+    hostkey.set_defaults(func=cmd_hostkey)
+    hosts.add_parsers(sub)
     demo = sub.add_parser("demo", help="run the demo: a master, two worker hosts, builds", add_help=False)
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo.set_defaults(func=cmd_demo)

@@ -57,6 +57,53 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     return 0
 
 
+INIT_TEMPLATE = """\
+# ssh-worker configuration: run with `ssh-worker run {config}`
+[master]
+address = "{address}"
+host_key = "{fingerprint}"     # the master's key, pinned (`buildbot-sshmux hostkey` prints it)
+identity = "{identity}"        # this host's private key (`ssh-worker keygen {identity}`), mode 0600
+pb_port = {pb_port}                     # the master's c['protocols']['pb'] port
+{workers}"""
+
+WORKER_TEMPLATE = """
+[[worker]]
+name = "{name}"
+password_file = "passwords/{name}"   # the worker's password on the master, one line
+basedir = "workers/{name}"
+"""
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    path = Path(args.config)
+    if path.exists():
+        raise SSHMuxError(f"{path} exists; remove it or choose another file")
+    if not args.fingerprint.startswith("SHA256:"):
+        raise SSHMuxError("--fingerprint must be the master's SHA256:... host key fingerprint")
+    if ":" not in args.master:
+        raise SSHMuxError("--master must be HOST:PORT, e.g. buildmaster.example.org:2222")
+    workers = "".join(WORKER_TEMPLATE.format(name=n) for n in args.worker) or (
+        "\n# add one table per worker session:\n# [[worker]]\n# name = \"...\"\n"
+        "# password_file = \"passwords/...\"\n# basedir = \"workers/...\"\n"
+    )
+    path.write_text(
+        INIT_TEMPLATE.format(
+            config=path,
+            address=args.master,
+            fingerprint=args.fingerprint,
+            identity=args.identity,
+            pb_port=args.pb_port,
+            workers=workers,
+        )
+    )
+    print(f"wrote {path}")
+    if not Path(path.parent, args.identity).exists():
+        print(f"next: ssh-worker keygen {Path(path.parent, args.identity)}")
+    for name in args.worker:
+        print(f"next: put {name}'s password in {Path(path.parent, 'passwords', name)}")
+    return 0
+
+
 def _default_comment() -> str:
     import socket
 
@@ -78,6 +125,14 @@ def parser() -> argparse.ArgumentParser:
     keygen.add_argument("--comment", help="key comment, the host name by default")
     keygen.add_argument("--passphrase", action="store_true", help="ask for a passphrase")
     keygen.set_defaults(func=cmd_keygen)
+    init = sub.add_parser("init", help="write a launcher config pinned to a master's host key")
+    init.add_argument("config", help="the config file to write")
+    init.add_argument("--master", required=True, help="HOST:PORT of the master's SSH server")
+    init.add_argument("--fingerprint", required=True, help="the master's host key, SHA256:...")
+    init.add_argument("--identity", default="id_ed25519", help="this host's private key file")
+    init.add_argument("--pb-port", type=int, default=9989, help="the master's PB port")
+    init.add_argument("--worker", action="append", default=[], help="a worker name (repeat)")
+    init.set_defaults(func=cmd_init)
     return p
 
 

@@ -93,8 +93,13 @@ class ParseLineTests(TestCase):
     def test_missing_key_blob(self) -> None:
         self.assertLineError("ssh-ed25519", "expected")
 
-    def test_unquoted_option_value(self) -> None:
-        self.assertLineError(f"host=x {LINE}", "double-quoted")
+    def test_unquoted_option_value_runs_to_the_comma(self) -> None:
+        entry = parse_line(f"max-channels=5,host=x {LINE}")
+        assert entry is not None
+        self.assertEqual((entry.name, entry.max_channels), ("x", 5))
+
+    def test_empty_unquoted_option_value(self) -> None:
+        self.assertLineError(f"host= {LINE}", "needs a value")
 
     def test_unterminated_quote(self) -> None:
         self.assertLineError(f'host="x {LINE}', "unterminated")

@@ -1,0 +1,112 @@
+"""``buildbot-sshmux authorize|revoke|list``: edit and show the master's authorized_hosts."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from twisted.conch.ssh import keys
+
+from buildbot_sshmux import authorized_hosts
+from buildbot_sshmux.authorized_hosts import LineError
+from buildbot_sshmux.errors import SSHMuxError
+
+DEFAULT_FILE = "sshmux/authorized_hosts"
+
+
+def hosts_file(args: argparse.Namespace) -> Path:
+    return Path(args.basedir, args.file)
+
+
+def _split(value: str | None) -> tuple[str, ...]:
+    return tuple(p.strip() for p in (value or "").split(",") if p.strip())
+
+
+def _read_public_key(source: str) -> tuple[keys.Key, str]:
+    text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
+    if len(lines) != 1:
+        raise SSHMuxError(f"{source}: expected one public key line, found {len(lines)}")
+    fields = lines[0].split(None, 2)
+    try:
+        key = keys.Key.fromString(" ".join(fields[:2]).encode("ascii"))
+    except Exception:
+        raise SSHMuxError(
+            f"{source}: not an OpenSSH public key line (expected: ssh-ed25519 AAAA... comment)"
+        ) from None
+    if not key.isPublic():
+        raise SSHMuxError(f"{source} is a private key; give the .pub file")
+    return key, fields[2].strip() if len(fields) > 2 else ""
+
+
+def cmd_authorize(args: argparse.Namespace) -> int:
+    path = hosts_file(args)
+    key, comment = _read_public_key(args.pubkey)
+    workers = _split(args.workers)
+    if not workers:
+        raise SSHMuxError("--workers needs at least one pattern, e.g. --workers '*-debian-sid'")
+    try:
+        line = authorized_hosts.format_entry(
+            args.host, key, workers, _split(args.from_), args.max_channels, comment
+        )
+        authorized_hosts.add_entry(path, line)
+    except LineError as e:
+        raise SSHMuxError(f"{path}: {e}") from None
+    print(f"authorized host {args.host} ({authorized_hosts.parse_line(line).fingerprint}) in {path}")  # type: ignore[union-attr]
+    print("a running master applies it within seconds")
+    return 0
+
+
+def cmd_revoke(args: argparse.Namespace) -> int:
+    path = hosts_file(args)
+    if bool(args.host) == bool(args.fingerprint):
+        raise SSHMuxError("say which host to revoke: --host NAME or --fingerprint SHA256:...")
+    removed = authorized_hosts.remove_entries(path, host=args.host, key_fingerprint=args.fingerprint)
+    if not removed:
+        raise SSHMuxError(f"{path}: no entry for {args.host or args.fingerprint}; see: buildbot-sshmux list")
+    for entry in removed:
+        print(f"revoked host {entry.name} ({entry.fingerprint}), was {entry.source}")
+    print("a running master disconnects it within seconds")
+    return 0
+
+
+def cmd_list(args: argparse.Namespace) -> int:
+    path = hosts_file(args)
+    try:
+        entries, errors = authorized_hosts.load(path)
+    except OSError as e:
+        raise SSHMuxError(f"{path} cannot be read ({e.strerror})") from None
+    rows = [("HOST", "FINGERPRINT", "WORKERS", "FROM")]
+    rows += [(e.name, e.fingerprint, ",".join(e.workers), ",".join(e.from_patterns) or "*") for e in entries]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for row in rows:
+        print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
+    for message in errors:
+        print(message, file=sys.stderr)
+    return 1 if errors else 0
+
+
+def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
+    def common(p: argparse.ArgumentParser) -> None:
+        p.add_argument("basedir", help="the Buildbot master's basedir")
+        p.add_argument("--file", default=DEFAULT_FILE, help=f"relative to BASEDIR (default {DEFAULT_FILE})")
+
+    auth = sub.add_parser("authorize", help="let a worker host's key in, as some worker names")
+    common(auth)
+    auth.add_argument("--host", required=True, help="the host's name, in logs")
+    auth.add_argument("--workers", required=True, help="worker names it may use: 'GLOB,...'")
+    auth.add_argument("--from", dest="from_", help="source addresses: 'CIDR,PATTERN,!PATTERN,...'")
+    auth.add_argument("--max-channels", type=int, help="sessions at once on its connection")
+    auth.add_argument("pubkey", help="the host's public key file (.pub), or - for stdin")
+    auth.set_defaults(func=cmd_authorize)
+
+    revoke = sub.add_parser("revoke", help="remove a host (all its keys) or one key")
+    common(revoke)
+    revoke.add_argument("--host", help="the host's name")
+    revoke.add_argument("--fingerprint", help="one key's SHA256:... fingerprint")
+    revoke.set_defaults(func=cmd_revoke)
+
+    lst = sub.add_parser("list", help="show the authorized hosts")
+    common(lst)
+    lst.set_defaults(func=cmd_list)
