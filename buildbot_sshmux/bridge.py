@@ -56,7 +56,7 @@ class FlowLimits:
 @implementer(IAddress)
 @frozen
 class ChannelAddress:
-    """One end of a channel: the SSH peer's address plus the host and channel.
+    """One end of a channel: the SSH peer's address and the SSH host's name.
 
     Buildbot logs ``getPeer()`` and reads ``.host`` and ``.port``.
     """
@@ -65,7 +65,6 @@ class ChannelAddress:
     host: str
     port: int
     ssh_host: str = ""
-    channel: int | None = None
 
 
 class ConnectionBudget:
