@@ -206,7 +206,8 @@ def parse_line(line: str, source: str = "<config>") -> HostEntry | None:
     max_channels = None
     if "max-channels" in options:
         value = options["max-channels"] or ""
-        if not value.isdigit() or int(value) < 1:
+        # ASCII digits only: "²".isdigit() is True but int("²") raises ValueError.
+        if not (value.isascii() and value.isdigit()) or int(value) < 1:
             raise LineError(f"max-channels must be a positive integer, not {value!r}")
         max_channels = int(value)
     return HostEntry(

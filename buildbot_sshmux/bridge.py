@@ -73,8 +73,14 @@ class ConnectionBudget:
     def __init__(self, limits: FlowLimits) -> None:
         self.limits = limits
         self.pending = 0
-        self.link_paused = False
+        self.link_paused = False  # the TCP socket is full
+        self.rekeying = False  # a key exchange holds packets back
         self._throttled: dict[ProtocolChannel, None] = {}
+
+    @property
+    def blocked(self) -> bool:
+        """Whether channels must hold their data for now."""
+        return self.link_paused or self.rekeying
 
     @property
     def exhausted(self) -> bool:
@@ -281,7 +287,7 @@ class ProtocolChannel(SSHChannel):
 
     def flush(self) -> None:
         """Send what the peer's window and the link allow, in packet slices."""
-        while self._chunks and self.remoteWindowLeft > 0 and not self._budget.link_paused:
+        while self._chunks and self.remoteWindowLeft > 0 and not self._budget.blocked:
             chunk = self._chunks[0]
             n = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
             if n == len(chunk):
@@ -367,6 +373,7 @@ class FlowControlledConnection(connection.SSHConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
+        self.budget = ConnectionBudget(self.limits)  # subclasses may set limits late
         tcp = getattr(self.transport, "transport", None)
         if tcp is not None and getattr(tcp, "producer", None) is None:
             tcp.registerProducer(self, True)
@@ -383,8 +390,12 @@ class FlowControlledConnection(connection.SSHConnection):
 
     def resumeProducing(self) -> None:
         self.budget.link_paused = False
+        self.flush_channels()
+
+    def flush_channels(self) -> None:
+        """Let every channel with queued data send what it now may."""
         for channel in list(self.channels.values()):
-            if self.budget.link_paused:
+            if self.budget.blocked:
                 break
             if isinstance(channel, ProtocolChannel) and channel.pending:
                 channel.flush()

@@ -27,6 +27,7 @@ from zope.interface import implementer
 from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.keys import fingerprint
+from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
 from buildbot_sshmux.server import PREFERRED_CIPHERS, PREFERRED_MACS, prefer
 
 log = Logger()
@@ -141,21 +142,37 @@ class MuxClientConnection(FlowControlledConnection):
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
+        self.keepalive = Keepalive(
+            self, self.link.reactor, self.link.liveness, lambda: f"master {self.link.address}"
+        )
+        self.keepalive.start()
         self.link.connection_ready(self)
 
     def serviceStopped(self) -> None:
+        self.keepalive.stop()
         self.link.connection_lost(self)
         super().serviceStopped()
 
+    def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
+        if requestType == KEEPALIVE_REQUEST:
+            return 1
+        log.warn(
+            "refused global request {request!r} from master {master}",
+            request=requestType.decode("ascii", "replace"),
+            master=self.link.address,
+        )
+        return 0
 
-class MuxClientTransport(transport.SSHClientTransport):
-    """Conch's client transport with host key pinning."""
+
+class MuxClientTransport(RekeyingTransport, transport.SSHClientTransport):
+    """Conch's client transport with host key pinning and rekeying."""
 
     supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHClientTransport.supportedCiphers)
     supportedMACs = prefer(PREFERRED_MACS, transport.SSHClientTransport.supportedMACs)
 
     def __init__(self, link: MasterLink) -> None:
         self.link = link
+        self.liveness = link.liveness
         # Pinned types first; with fingerprints only, ed25519 (what `init` makes).
         pinned = link.pins.preferred_algorithms(link.host, link.port) + [b"ssh-ed25519"]
         self.supportedPublicKeys = prefer(pinned, transport.SSHClientTransport.supportedPublicKeys)
@@ -169,10 +186,15 @@ class MuxClientTransport(transport.SSHClientTransport):
         self.link.refused = True
         return defer.fail(mismatch)
 
+    def connectionMade(self) -> None:
+        super().connectionMade()
+        self.start_rekey_timer(self.link.reactor)
+
     def connectionSecure(self) -> None:
         self.requestService(MuxUserAuthClient(self.link, MuxClientConnection(self.link)))
 
     def connectionLost(self, reason: Any) -> None:
+        self.stop_rekey_timer()
         super().connectionLost(reason)
         self.link.transport_lost(self, reason)
 
@@ -194,6 +216,7 @@ class MasterLink(service.Service):
         *,
         username: str = "buildbot-worker",
         limits: FlowLimits = FlowLimits(),
+        liveness: Liveness = Liveness(),
         retry_delay: Callable[[int], float] | None = None,
         connect_timeout: float = 30.0,
         endpoint: IStreamClientEndpoint | None = None,
@@ -205,6 +228,7 @@ class MasterLink(service.Service):
         self.pins = pins
         self.username = username
         self.limits = limits
+        self.liveness = liveness
         self.retry_delay = retry_delay or backoff()
         self.connect_timeout = connect_timeout
         self.endpoint = endpoint or endpoints.HostnameEndpoint(

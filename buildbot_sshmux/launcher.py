@@ -12,6 +12,7 @@ from buildbot_sshmux.client import ChannelEndpoint, HostKeyPins, MasterLink
 from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.keys import load_private_key
 from buildbot_sshmux.launcher_config import LauncherConfig, MasterConfig
+from buildbot_sshmux.liveness import Liveness
 from buildbot_sshmux.session import WorkerSession
 
 PASSPHRASE_ENV = "SSH_WORKER_PASSPHRASE"
@@ -51,8 +52,18 @@ class Launcher(service.MultiService):
                     f"{config.path}: master {master.name}: host_key is not an OpenSSH key line"
                     f" or SHA256: fingerprint ({e})"
                 ) from None
+            liveness = Liveness(
+                keepalive_interval=master.keepalive_interval,
+                keepalive_count_max=master.keepalive_count_max,
+            )
             link = MasterLink(
-                reactor, master.host, master.port, identity, pins, username=master.username
+                reactor,
+                master.host,
+                master.port,
+                identity,
+                pins,
+                username=master.username,
+                liveness=liveness,
             )
             link.setName(f"link {master.name}")
             link.setServiceParent(self)

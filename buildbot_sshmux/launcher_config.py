@@ -32,7 +32,10 @@ if sys.version_info >= (3, 11):
 else:  # pragma: no cover
     import tomli as tomllib
 
-MASTER_KEYS = {"name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file", "pb_port", "username"}
+MASTER_KEYS = {
+    "name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file",
+    "pb_port", "username", "keepalive_interval", "keepalive_count_max",
+}  # fmt: skip
 WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
 
 
@@ -57,6 +60,8 @@ class MasterConfig:
     identity_passphrase_file: Path | None = None
     pb_port: int = 9989
     username: str = "buildbot-worker"
+    keepalive_interval: int = 30
+    keepalive_count_max: int = 3
 
 
 @frozen
@@ -132,6 +137,8 @@ def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
         ),
         pb_port=_int(path, where, table, "pb_port", 9989),
         username=str(table.get("username", "buildbot-worker")),
+        keepalive_interval=_int(path, where, table, "keepalive_interval", 30),
+        keepalive_count_max=_int(path, where, table, "keepalive_count_max", 3),
     )
 
 

@@ -36,6 +36,8 @@ from buildbot_sshmux.authorization import HostPortal
 from buildbot_sshmux.authorized_hosts import HostEntry
 from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.keys import fingerprint
+from buildbot_sshmux.limits import ServerLimits, StartupGate
+from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
 
 log = Logger()
 
@@ -95,13 +97,15 @@ class AuthorizedHostsChecker:
             )
             return defer.fail(error.UnauthorizedLogin())
         if self._peer is not None and not entry.allows_address(self._peer):
-            if creds.signature is None:
-                log.warn(
-                    "refused host {host} ({fingerprint}){where}: not in its from= list",
-                    host=entry.name,
-                    fingerprint=entry.fingerprint,
-                    where=where,
-                )
+            # Logged whether or not the request is signed: a refused query is
+            # never followed by a signed request, and OpenSSH signs straight
+            # away for a private key file with no .pub beside it.
+            log.warn(
+                "refused host {host} ({fingerprint}){where}: not in its from= list",
+                host=entry.name,
+                fingerprint=entry.fingerprint,
+                where=where,
+            )
             return defer.fail(error.UnauthorizedLogin())
         if creds.signature is None:
             return defer.fail(ValidPublicKey())
@@ -160,10 +164,16 @@ class HostAvatar(ConchUser):
                 f"a channel to {host}:{port} (only localhost:{pb_port}, the PB port, is allowed)",
                 OPEN_ADMINISTRATIVELY_PROHIBITED,
             )
+        open_channels = len(self.pb_channels())
         limit = self.entry.max_channels
-        if limit is not None and len(self.pb_channels()) >= limit:
+        if limit is not None and open_channels >= limit:
             raise self.refuse(
                 f"a channel beyond its max-channels={limit}", OPEN_RESOURCE_SHORTAGE
+            )
+        if open_channels >= self.server.limits.max_channels:
+            raise self.refuse(
+                f"a channel beyond max_channels={self.server.limits.max_channels} per connection",
+                OPEN_RESOURCE_SHORTAGE,
             )
         peer = self.peer_address()
         address = ChannelAddress(
@@ -177,7 +187,7 @@ class HostAvatar(ConchUser):
             protocol,
             peer=address,
             host=local,
-            limits=self.server.limits,
+            limits=self.server.flow,
             call_soon=lambda f: self.server.reactor.callLater(0, f),
             label=f"host {self.entry.name}",
             remoteWindow=windowSize,
@@ -212,8 +222,9 @@ class HostAvatar(ConchUser):
                 channel.loseConnection()
 
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
-        if requestType != b"keepalive@openssh.com":
-            self.refuse(f"global request {requestType.decode('ascii', 'replace')!r}", 0)
+        if requestType == KEEPALIVE_REQUEST:
+            return 1
+        self.refuse(f"global request {requestType.decode('ascii', 'replace')!r}", 0)
         return 0
 
     def logout(self) -> None:
@@ -256,6 +267,16 @@ class MuxUserAuthServer(userauth.SSHUserAuthServer):
         peer = self.transport.transport.getPeer()
         checker = AuthorizedHostsChecker(factory.entries, getattr(peer, "host", None))
         self.portal = portal.Portal(factory.realm, [checker])
+        self.attemptsBeforeDisconnect = factory.limits.max_auth_tries - 1
+
+    def _ebBadAuth(self, reason: Any) -> None:
+        super()._ebBadAuth(reason)
+        if self.loginAttempts > self.attemptsBeforeDisconnect:
+            log.warn(
+                "{peer}: {n} failed authentication attempts (max_auth_tries); disconnected",
+                peer=self.transport.describe_peer(),
+                n=self.loginAttempts,
+            )
 
 
 class MuxServerConnection(FlowControlledConnection):
@@ -264,23 +285,74 @@ class MuxServerConnection(FlowControlledConnection):
     _log = _RefusalsLogged()
 
     def serviceStarted(self) -> None:
-        self.limits = self.transport.factory.limits
+        factory = self.transport.factory
+        self.limits = factory.flow
         super().serviceStarted()
-        log.info("{who} connected", who=self.transport.avatar.describe())
+        avatar = self.transport.avatar
+        log.info("{who} connected", who=avatar.describe())
+        self.keepalive = Keepalive(self, factory.reactor, factory.liveness, avatar.describe)
+        self.keepalive.start()
+        factory.enforce_connections_per_host(self.transport)
+
+    def serviceStopped(self) -> None:
+        self.keepalive.stop()
+        super().serviceStopped()
 
 
-class MuxServerTransport(transport.SSHServerTransport):
-    """Conch's server transport, counting connections and preferring fast algorithms."""
+class MuxServerTransport(RekeyingTransport, transport.SSHServerTransport):
+    """Conch's server transport with sshd's limits, rekeying and fast algorithms first."""
 
     supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHServerTransport.supportedCiphers)
     supportedMACs = prefer(PREFERRED_MACS, transport.SSHServerTransport.supportedMACs)
+    _grace_call: Any = None
+
+    @property
+    def authenticated(self) -> bool:
+        return getattr(self, "avatar", None) is not None
+
+    def describe_peer(self) -> str:
+        avatar = getattr(self, "avatar", None)
+        if avatar is not None:
+            return str(avatar.describe())
+        peer = self.transport.getPeer()
+        return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
     def connectionMade(self) -> None:
-        self.factory.connections.add(self)
+        factory = self.factory
+        pending = sum(1 for c in factory.connections if not c.authenticated)
+        if not factory.startup_gate.admit(pending):
+            log.warn(
+                "dropped connection from {peer}: {n} connections are not logged in yet"
+                " (max_startups={limit})",
+                peer=self.describe_peer(),
+                n=pending,
+                limit=":".join(map(str, factory.limits.max_startups)),
+            )
+            self.transport.abortConnection()
+            return
+        factory.connections.add(self)
+        self.liveness = factory.liveness
         super().connectionMade()
+        self.start_rekey_timer(factory.reactor)
+        grace = factory.limits.login_grace_time
+        if grace > 0:
+            self._grace_call = factory.reactor.callLater(grace, self._grace_expired, grace)
+
+    def _grace_expired(self, grace: float) -> None:
+        self._grace_call = None
+        if not self.authenticated:
+            log.warn(
+                "{peer} did not log in within {grace:.0f}s (login_grace_time); disconnected",
+                peer=self.describe_peer(),
+                grace=grace,
+            )
+            self.transport.abortConnection()
 
     def connectionLost(self, reason: Any) -> None:
         self.factory.connections.discard(self)
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        self.stop_rekey_timer()
         super().connectionLost(reason)
 
 
@@ -299,12 +371,17 @@ class SSHMuxFactory(factory.SSHFactory):
         entries: Callable[[], Iterable[HostEntry]],
         pb_lookup: PBLookup,
         reactor: IReactorTime,
-        limits: FlowLimits = FlowLimits(),
+        flow: FlowLimits = FlowLimits(),
+        limits: ServerLimits = ServerLimits(),
+        liveness: Liveness = Liveness(),
     ) -> None:
         self.host_keys = list(host_keys)
         self.pb_lookup = pb_lookup
         self.reactor = reactor
+        self.flow = flow
         self.limits = limits
+        self.liveness = liveness
+        self.startup_gate = StartupGate(*limits.max_startups)
         self.entries = entries
         self.connections: set[MuxServerTransport] = set()
         self.realm = HostRealm(self)
@@ -322,6 +399,24 @@ class SSHMuxFactory(factory.SSHFactory):
     def disconnect_all(self) -> None:
         for conn in list(self.connections):
             conn.loseConnection()
+
+    def enforce_connections_per_host(self, newest: MuxServerTransport) -> None:
+        """Close a host key's oldest connections beyond max_connections_per_host."""
+        blob = newest.avatar.entry.key.blob()
+        same = [
+            c for c in self.connections
+            if c is not newest and c.authenticated and c.avatar.entry.key.blob() == blob
+        ]  # fmt: skip
+        excess = len(same) + 1 - self.limits.max_connections_per_host
+        for old in same[: max(0, excess)]:
+            log.warn(
+                "{who} connected again; closing its older connection from {old}"
+                " (max_connections_per_host={limit})",
+                who=newest.avatar.describe(),
+                old=old.describe_peer(),
+                limit=self.limits.max_connections_per_host,
+            )
+            old.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"replaced by a newer connection")
 
     def apply_entries(self) -> None:
         """Re-check every logged-in host against the current entries.

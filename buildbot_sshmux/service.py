@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar, Sequence
 
+import attrs
 from buildbot import config
 from buildbot.util import service
 from twisted.conch.ssh import keys
@@ -28,7 +29,10 @@ from twisted.logger import Logger
 from buildbot_sshmux import authorized_hosts
 from buildbot_sshmux.authorized_hosts import HostEntry
 from buildbot_sshmux.errors import KeyFileError
+from buildbot_sshmux.bridge import FlowLimits
 from buildbot_sshmux.keys import fingerprint, load_private_key
+from buildbot_sshmux.limits import ServerLimits, StartupGate
+from buildbot_sshmux.liveness import Liveness
 from buildbot_sshmux.server import PBUnavailable, SSHMuxFactory
 
 log = Logger()
@@ -66,6 +70,31 @@ def _load_entries(
     return entries, errors
 
 
+def settings(**options: Any) -> tuple[FlowLimits, ServerLimits, Liveness]:
+    """Split SSHMuxService's limit arguments into their value objects (ValueError if bad)."""
+    groups: list[Any] = [FlowLimits, ServerLimits, Liveness]
+    values: list[dict[str, Any]] = [{}, {}, {}]
+    for name, value in options.items():
+        index = next(
+            (i for i, g in enumerate(groups) if name in attrs.fields_dict(g)), None
+        )
+        if index is None:
+            raise ValueError(f"unknown argument {name!r}")
+        if name == "max_startups":
+            parts = value.split(":") if isinstance(value, str) else list(value)
+            if len(parts) != 3 or not all(str(p).isdigit() for p in parts):
+                raise ValueError(f"max_startups must be 'start:rate:full', e.g. '10:30:100', not {value!r}")
+            value = tuple(int(p) for p in parts)
+        if name != "max_startups" and (not isinstance(value, (int, float)) or value < 0):
+            raise ValueError(f"{name} must be a number >= 0, not {value!r}")
+        values[index][name] = value
+    flow, limits, liveness = (g(**v) for g, v in zip(groups, values))
+    StartupGate(*limits.max_startups)  # validates
+    if flow.max_packet > flow.window_size:
+        raise ValueError("max_packet must not exceed window_size")
+    return flow, limits, liveness
+
+
 class SSHMuxService(service.BuildbotService):
     """An SSH server in the master: one connection per worker host, a channel per worker."""
 
@@ -80,7 +109,12 @@ class SSHMuxService(service.BuildbotService):
         host_keys: Sequence[str] = (),
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
+        **limits: Any,
     ) -> None:
+        try:
+            settings(**limits)
+        except (ValueError, TypeError) as e:
+            config.error(f"SSHMuxService: {e}")
         if isinstance(host_keys, str):
             config.error("SSHMuxService: host_keys must be a list of paths, not a string")
             return
@@ -140,8 +174,10 @@ class SSHMuxService(service.BuildbotService):
         host_keys: Sequence[str] = (),
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
+        **limits: Any,
     ) -> Any:
         basedir = self.master.basedir
+        flow, server_limits, liveness = settings(**limits)
         if "pb" not in self.master.config.protocols:
             config.error(
                 "SSHMuxService needs Buildbot's PB protocol: set "
@@ -167,6 +203,9 @@ class SSHMuxService(service.BuildbotService):
             )
             if self.running:
                 yield self._start_listening(str(port))
+        # New limits apply to new connections and channels.
+        self.factory.flow, self.factory.limits, self.factory.liveness = flow, server_limits, liveness
+        self.factory.startup_gate = StartupGate(*server_limits.max_startups)
         self._listen_args = listen_args
         self._port = str(port)
 

@@ -269,3 +269,89 @@ class SSHPair:
         # Anything left on the clock (redials, retries) is dropped.
         for call in self.clock.getDelayedCalls():
             call.cancel()
+
+
+# --- Helpers for the authorization tests (from=, max-channels, live reload) ---
+
+
+def mux_clocked_services(clock: Clock) -> dict[bytes, Any]:
+    """The server's real services, on ``clock``: `MuxUserAuthServer` knows the
+    peer's address, so ``from=`` is checked at login (`clocked_services` uses
+    Conch's plain userauth, which does not)."""
+    from buildbot_sshmux.server import MuxUserAuthServer
+
+    auth = type("ClockedMuxUserAuthServer", (MuxUserAuthServer,), {"clock": clock})
+    return {b"ssh-userauth": auth, b"ssh-connection": MuxServerConnection}
+
+
+@implementer(IStreamClientEndpoint)
+class AddressedEndpoint(MemoryEndpoint):
+    """A `MemoryEndpoint` whose connections come from ``peer`` (any IAddress)."""
+
+    def __init__(self, server_factory: SSHMuxFactory, clock: Clock, peer: Any) -> None:
+        super().__init__(server_factory, clock)
+        self.peer = peer
+
+    def connect(self, factory: Any) -> defer.Deferred[Any]:
+        client = factory.buildProtocol(MASTER_ADDRESS)
+        server = self.server_factory.buildProtocol(self.peer)
+        client_io = FakeTransport(client, isServer=False, hostAddress=self.peer, peerAddress=MASTER_ADDRESS)
+        server_io = FakeTransport(server, isServer=True, hostAddress=MASTER_ADDRESS, peerAddress=self.peer)
+        server.makeConnection(server_io)
+        client.makeConnection(client_io)
+        self.wires.append(Wire(client_io, server_io, self.clock))
+        self.servers.append(server)
+        return defer.succeed(client)
+
+
+def connect_from(pair: SSHPair, peer: Any) -> None:
+    """Make ``pair``'s link dial from ``peer`` instead of WORKER_HOST_ADDRESS (before start())."""
+    pair.endpoint = AddressedEndpoint(pair.factory, pair.clock, peer)
+    pair.link.endpoint = pair.endpoint
+
+
+class ExtraLink:
+    """Another worker host's MasterLink to the same server as ``pair``, with its own wire."""
+
+    def __init__(
+        self, testcase: TestCase, pair: SSHPair, identity: keys.Key, peer: Any = WORKER_HOST_ADDRESS
+    ) -> None:
+        self.pair = pair
+        self.endpoint = AddressedEndpoint(pair.factory, pair.clock, peer)
+        self.link = MasterLink(
+            pair.clock,
+            "master.example.org",
+            2222,
+            identity,
+            HostKeyPins.from_config([MASTER_KEY.public().toString("OPENSSH").decode()]),
+            retry_delay=lambda attempt: 5.0,
+            endpoint=self.endpoint,
+        )
+        testcase.addCleanup(self.close)
+
+    @property
+    def wire(self) -> Wire:
+        return self.endpoint.wires[-1]
+
+    @property
+    def server(self) -> MuxServerTransport:
+        return self.endpoint.servers[-1]
+
+    def start(self) -> None:
+        self.link.startService()
+        self.wire.flush()
+
+    def close(self) -> None:
+        if self.link.running:
+            d = self.link.stopService()
+            if self.endpoint.wires:
+                self.wire.flush()
+            d.addErrback(lambda _: None)
+
+
+def flush_all(*wires: Wire) -> None:
+    """Pump several wires (sharing a clock) until none of them moves."""
+    for _ in range(10_000):
+        if not any([wire.pump() for wire in wires]):
+            return
+    raise AssertionError("the wires never went quiet")

@@ -90,7 +90,7 @@ class ProbeAvatar(HostAvatar):
             Recorder(),
             peer=ChannelAddress("TCP", "198.51.100.7", 40123, ssh_host=self.entry.name),
             host=ChannelAddress("TCP", "127.0.0.1", PB_PORT),
-            limits=self.server.limits,
+            limits=self.server.flow,
             call_soon=lambda f: self.server.reactor.callLater(0, f),
             label="probe",
             remoteWindow=windowSize,
