@@ -179,7 +179,8 @@ class ProtocolChannel(SSHChannel):
 
     def addWindowBytes(self, data: int) -> None:
         self.remoteWindowLeft += data
-        self.flush()
+        if self._chunks:
+            self.flush()
 
     def closeReceived(self) -> None:
         # The peer takes no more data: what is still queued is lost.
@@ -212,6 +213,8 @@ class ProtocolChannel(SSHChannel):
         self._pending += len(data)
         self._budget.charge(len(data))
         self.flush()
+        if self.disconnected:
+            return
         if self._pending > self.limits.max_buffer or self._budget.overflowing:
             self._overflow()
         else:
@@ -286,18 +289,25 @@ class ProtocolChannel(SSHChannel):
         return self._reading_paused or self._throttled
 
     def flush(self) -> None:
-        """Send what the peer's window and the link allow, in packet slices."""
-        while self._chunks and self.remoteWindowLeft > 0 and not self._budget.blocked:
-            chunk = self._chunks[0]
-            n = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
-            if n == len(chunk):
-                self._chunks.popleft()
-            else:
-                self._chunks[0] = chunk[n:]
-            self.remoteWindowLeft -= n
-            self._pending -= n
-            self.conn.sendData(self, chunk[:n])  # type: ignore[union-attr]
-            self._budget.refund(n)
+        """Ask the connection to send what the peer's window and the link allow."""
+        self.conn.schedule(self)  # type: ignore[union-attr]
+
+    def sendable(self) -> bool:
+        """Whether this channel has data and the peer's window has room."""
+        return bool(self._chunks) and self.remoteWindowLeft > 0 and not self.localClosed
+
+    def send_slice(self) -> None:
+        """Send one packet's worth: the connection calls this round-robin."""
+        chunk = self._chunks[0]
+        n = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
+        if n == len(chunk):
+            self._chunks.popleft()
+        else:
+            self._chunks[0] = chunk[n:]
+        self.remoteWindowLeft -= n
+        self._pending -= n
+        self.conn.sendData(self, chunk[:n])  # type: ignore[union-attr]
+        self._budget.refund(n)
         if self.closing and not self._pending and not self.localClosed:
             self.conn.sendClose(self)  # type: ignore[union-attr]
         self.update_throttle()
@@ -359,10 +369,13 @@ class ProtocolChannel(SSHChannel):
 
 
 class FlowControlledConnection(connection.SSHConnection):
-    """An SSH connection whose channels share a bounded budget.
+    """An SSH connection whose channels share a bounded budget and the link fairly.
 
-    It is the streaming producer of its TCP transport, and withholds window
-    adjustments from channels that ask it to.
+    Channels with data take turns, one packet each, so a small message waits
+    behind at most one packet per busy channel.  The connection is the
+    streaming producer of its TCP transport: a full socket buffer stops the
+    turns until it drains.  It also withholds window adjustments from
+    channels that ask it to.
     """
 
     limits = FlowLimits()
@@ -370,6 +383,9 @@ class FlowControlledConnection(connection.SSHConnection):
     def __init__(self) -> None:
         super().__init__()
         self.budget = ConnectionBudget(self.limits)
+        self._turns: deque[ProtocolChannel] = deque()
+        self._waiting: set[ProtocolChannel] = set()
+        self._pumping = False
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
@@ -383,6 +399,30 @@ class FlowControlledConnection(connection.SSHConnection):
             return
         super().adjustWindow(channel, bytesToAdd)
 
+    def schedule(self, channel: ProtocolChannel) -> None:
+        """Give ``channel`` turns until its data or its window runs out."""
+        if channel not in self._waiting:
+            self._waiting.add(channel)
+            self._turns.append(channel)
+        self.flush_channels()
+
+    def flush_channels(self) -> None:
+        """Send packets round-robin among channels, while the link takes them."""
+        if self._pumping:
+            return  # a send made a protocol write: the loop below picks it up
+        self._pumping = True
+        try:
+            while self._turns and not self.budget.blocked:
+                channel = self._turns.popleft()
+                if channel.sendable():
+                    channel.send_slice()
+                if channel.sendable():
+                    self._turns.append(channel)
+                else:
+                    self._waiting.discard(channel)
+        finally:
+            self._pumping = False
+
     # IPushProducer, for the TCP transport
 
     def pauseProducing(self) -> None:
@@ -391,14 +431,6 @@ class FlowControlledConnection(connection.SSHConnection):
     def resumeProducing(self) -> None:
         self.budget.link_paused = False
         self.flush_channels()
-
-    def flush_channels(self) -> None:
-        """Let every channel with queued data send what it now may."""
-        for channel in list(self.channels.values()):
-            if self.budget.blocked:
-                break
-            if isinstance(channel, ProtocolChannel) and channel.pending:
-                channel.flush()
 
     def stopProducing(self) -> None:
         self.budget.link_paused = True

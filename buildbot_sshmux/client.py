@@ -40,8 +40,9 @@ def backoff(
     rand = rng or random.Random()
 
     def delay(attempt: int) -> float:
-        base = min(maximum, initial * factor ** max(0, attempt - 1))
-        return base * rand.uniform(0.5, 1.5)
+        # The exponent is capped: after days of failures factor**attempt would overflow.
+        base = min(maximum, initial * factor ** min(max(0, attempt - 1), 64))
+        return min(base * 1.5, max(base * 0.5, base * rand.uniform(0.5, 1.5)))
 
     return delay
 
@@ -182,9 +183,16 @@ class MuxClientTransport(RekeyingTransport, transport.SSHClientTransport):
         if self.link.pins.accepts(self.link.host, self.link.port, key):
             return defer.succeed(True)
         mismatch = HostKeyMismatch(self.link.address, self.link.pins.describe(), fingerprint(key))
-        log.error("{message}", message=str(mismatch))
+        log.error("{error}", error=str(mismatch))
         self.link.refused = True
         return defer.fail(mismatch)
+
+    def sendDisconnect(self, reason: int, desc: bytes) -> None:
+        # Conch's ECDH path logs (and sends to the master) the repr of the
+        # verification Failure; verifyHostKey has said it already, in one line.
+        if reason == transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE:
+            desc = b"bad host key"
+        super().sendDisconnect(reason, desc)
 
     def connectionMade(self) -> None:
         super().connectionMade()

@@ -239,7 +239,7 @@ class SSHMuxService(service.BuildbotService):
         self.entries, errors = _load_entries(basedir, path, self._hosts_inline)
         self._hosts_stamp = stamp
         for message in errors:
-            log.error("{message}", message=message)
+            log.error("{error}", error=message)
         if self.factory is not None:
             self.factory.apply_entries()
 

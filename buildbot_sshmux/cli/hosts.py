@@ -25,6 +25,8 @@ def _split(value: str | None) -> tuple[str, ...]:
 
 def _read_public_key(source: str) -> tuple[keys.Key, str]:
     text = sys.stdin.read() if source == "-" else Path(source).read_text(encoding="utf-8")
+    if "PRIVATE KEY-----" in text:  # a multi-line key file: say so, not "found N lines"
+        raise SSHMuxError(f"{source} is a private key; give the .pub file")
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if len(lines) != 1:
         raise SSHMuxError(f"{source}: expected one public key line, found {len(lines)}")
