@@ -111,7 +111,7 @@ def _split_options(text: str) -> tuple[str, str]:
     """Split ``opts rest`` at the first unquoted blank, as sshd does."""
     quoted = False
     for i, ch in enumerate(text):
-        if ch == '"':
+        if ch == '"' and not (quoted and i and text[i - 1] == "\\"):
             quoted = not quoted
         elif ch in " \t" and not quoted:
             return text[:i], text[i:].strip()

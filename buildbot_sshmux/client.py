@@ -81,8 +81,9 @@ class HostKeyPins:
         if self.known_hosts is None:
             return []
         known = KnownHostsFile.fromPath(FilePath(str(self.known_hosts)))
-        names = [host.encode(), f"[{host}]:{port}".encode()]
-        return [e for e in known.iterentries() if any(e.matchesHost(n) for n in names)]
+        # OpenSSH names a host on a port other than 22 "[host]:port" only.
+        name = host if port == 22 else f"[{host}]:{port}"
+        return [e for e in known.iterentries() if e.matchesHost(name.encode())]
 
     def preferred_algorithms(self, host: str, port: int) -> list[bytes]:
         """Host key algorithms of the pinned keys, to be negotiated first.

@@ -19,9 +19,24 @@ c['services'].append(SSHMuxService(
     authorized_hosts='sshmux/authorized_hosts'))"""
 
 
+def split_address(address: str) -> tuple[str, str]:
+    """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port); SSHMuxError if malformed."""
+    host, sep, port = address.rpartition(":")
+    host = host.strip("[]")
+    if not sep or not host or not port.isdigit():
+        raise SSHMuxError(f"--address must be HOST:PORT, e.g. buildmaster.example.org:2222, not {address!r}")
+    return host, port
+
+
+def known_hosts_name(host: str, port: str) -> str:
+    """How OpenSSH's known_hosts names a host and port."""
+    return host if port == "22" else f"[{host}]:{port}"
+
+
 def cmd_init(args: argparse.Namespace) -> int:
     from buildbot_sshmux.keys import fingerprint, generate, public_line, write_private_key
 
+    host, port = split_address(args.address)
     basedir = Path(args.basedir)
     if not basedir.is_dir():
         raise SSHMuxError(f"{basedir} is not a directory; create the master first (buildbot create-master)")
@@ -41,11 +56,10 @@ def cmd_init(args: argparse.Namespace) -> int:
             f.write(
                 '# one line per worker host: host="NAME",workers="GLOB,..." ssh-ed25519 AAAA... comment\n'
             )
-    host, _, port = args.address.rpartition(":")
     print(f"wrote {' and '.join(wrote)} (mode 0600)")
     print(f"host key fingerprint: {fingerprint(key)}")
     print("known_hosts line for worker hosts:")
-    print(f"[{host}]:{port} {public_line(key)}")
+    print(f"{known_hosts_name(host, port)} {public_line(key)}")
     print("add to master.cfg:")
     print(SNIPPET.format(port=port, key=key_path.name))
     return 0
@@ -57,8 +71,8 @@ def cmd_hostkey(args: argparse.Namespace) -> int:
     paths = [Path(p) for p in args.key] or sorted(Path(args.basedir, "sshmux").glob("ssh_host_*_key"))
     if not paths:
         raise SSHMuxError(f"no host key in {args.basedir}/sshmux; make one with: buildbot-sshmux init")
-    host, _, port = args.address.rpartition(":")
-    name = host if port == "22" else f"[{host}]:{port}"
+    host, port = split_address(args.address)
+    name = known_hosts_name(host, port)
     for path in paths:
         key = load_private_key(path)
         print(f"# {path.name}: {fingerprint(key)}")

@@ -15,8 +15,13 @@ from buildbot_sshmux.errors import SSHMuxError
 DEFAULT_FILE = "sshmux/authorized_hosts"
 
 
-def hosts_file(args: argparse.Namespace) -> Path:
-    return Path(args.basedir, args.file)
+def hosts_file(args: argparse.Namespace, must_exist: bool = True) -> Path:
+    path = Path(args.basedir, args.file)
+    if must_exist and not path.exists():
+        raise SSHMuxError(f"{path} does not exist; run: buildbot-sshmux init {args.basedir}")
+    if not path.parent.is_dir():
+        raise SSHMuxError(f"{path.parent} does not exist; run: buildbot-sshmux init {args.basedir}")
+    return path
 
 
 def _split(value: str | None) -> tuple[str, ...]:
@@ -43,7 +48,7 @@ def _read_public_key(source: str) -> tuple[keys.Key, str]:
 
 
 def cmd_authorize(args: argparse.Namespace) -> int:
-    path = hosts_file(args)
+    path = hosts_file(args, must_exist=False)
     key, comment = _read_public_key(args.pubkey)
     workers = _split(args.workers)
     if not workers:

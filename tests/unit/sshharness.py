@@ -355,3 +355,205 @@ def flush_all(*wires: Wire) -> None:
         if not any([wire.pump() for wire in wires]):
             return
     raise AssertionError("the wires never went quiet")
+
+
+# --- Helpers for the liveness, limits and fuzz tests (test_liveness, test_limits, test_fuzz) ---
+
+
+def tune(
+    pair: SSHPair,
+    *,
+    liveness: Any = None,
+    client_liveness: Any = None,
+    limits: Any = None,
+    mux_auth: bool = False,
+    seed: int = 0,
+) -> SSHPair:
+    """Give ``pair``'s server `ServerLimits` / `Liveness` and its link a `Liveness`
+    (before start()); ``mux_auth`` runs the real `MuxUserAuthServer` (max_auth_tries)."""
+    import random
+
+    from buildbot_sshmux.limits import StartupGate
+
+    if liveness is not None:
+        pair.factory.liveness = liveness
+    if limits is not None:
+        pair.factory.limits = limits
+        pair.factory.startup_gate = StartupGate(*limits.max_startups, rng=random.Random(seed))
+    if client_liveness is not None:
+        pair.link.liveness = client_liveness
+    if mux_auth:
+        pair.factory.services = mux_clocked_services(pair.clock)
+    return pair
+
+
+class ClosingWire(Wire):
+    """A `Wire` that, like a real TCP transport, stops delivering to a side once
+    it called loseConnection/abortConnection (a real socket stops reading)."""
+
+    def pump(self) -> bool:
+        self.clock.advance(0)
+        moved = False
+        out = self.client_io.getOutBuffer()
+        if out:
+            self._to_server.append(out)
+        out = self.server_io.getOutBuffer()
+        if out:
+            self._to_client.append(out)
+        if self.server_io.disconnecting:
+            self._to_server = []
+        if self.client_io.disconnecting:
+            self._to_client = []
+        if self._to_server and not self.hold_to_server:
+            data, self._to_server = b"".join(self._to_server), []
+            self.server_io.bufferReceived(data)
+            moved = True
+        if self._to_client and not self.hold_to_client:
+            data, self._to_client = b"".join(self._to_client), []
+            self.client_io.bufferReceived(data)
+            moved = True
+        if moved:
+            return True
+        if self.server_io.disconnecting and not self.server_io.disconnected:
+            self.server_io.disconnected = True
+            self.server_io.reportDisconnect()
+            if not self.client_io.disconnected:
+                self.client_io.disconnecting = self.client_io.disconnected = True
+                self.client_io.reportDisconnect()
+            return True
+        if self.client_io.disconnecting and not self.client_io.disconnected:
+            self.client_io.disconnected = True
+            self.client_io.reportDisconnect()
+            if not self.server_io.disconnected:
+                self.server_io.disconnecting = self.server_io.disconnected = True
+                self.server_io.reportDisconnect()
+            return True
+        return False
+
+
+class RecordingService:
+    """Mixin: an SSH service that records every packet instead of acting on it."""
+
+    def __init__(self) -> None:
+        self.received: list[tuple[int, bytes]] = []
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        self.received.append((messageNum, packet))
+
+
+def _scripted_auth_class() -> type:
+    from twisted.conch.ssh import service
+    from twisted.conch.ssh.common import NS
+
+    class ScriptedAuth(RecordingService, service.SSHService):
+        """A client ``ssh-userauth`` that sends the requests a test scripts and
+        records the replies (FAILURE 51, SUCCESS 52, PK_OK 60...)."""
+
+        name = b"ssh-userauth"
+
+        def __init__(self) -> None:
+            RecordingService.__init__(self)
+            self.started = False
+
+        def serviceStarted(self) -> None:
+            self.started = True
+
+        def request(
+            self, method: bytes, data: bytes = b"", user: bytes = b"buildbot-worker", next: bytes = b"ssh-connection"
+        ) -> None:
+            self.transport.sendPacket(userauth.MSG_USERAUTH_REQUEST, NS(user) + NS(next) + NS(method) + data)
+
+        def publickey_query(self, key: keys.Key) -> None:
+            """Ask whether ``key`` would do, without a signature (OpenSSH does this first)."""
+            self.request(b"publickey", b"\x00" + NS(key.sshType()) + NS(key.public().blob()))
+
+        def publickey_signed(self, key: keys.Key, signer: keys.Key | None = None) -> None:
+            """Log in with ``key``, the request signed by ``signer`` (default: ``key``)."""
+            user, next = b"buildbot-worker", b"ssh-connection"
+            body = NS(user) + NS(next) + NS(b"publickey") + b"\x01" + NS(key.sshType()) + NS(key.public().blob())
+            sig_data = NS(self.transport.sessionID) + bytes((userauth.MSG_USERAUTH_REQUEST,)) + body
+            signature = (signer or key).sign(sig_data)
+            self.transport.sendPacket(userauth.MSG_USERAUTH_REQUEST, body + NS(signature))
+
+        def replies(self, number: int) -> list[bytes]:
+            return [p for n, p in self.received if n == number]
+
+    return ScriptedAuth
+
+
+ScriptedAuth = _scripted_auth_class()
+
+
+def _raw_client_class() -> type:
+    from twisted.conch.ssh import service, transport
+
+    class RecordingConnection(RecordingService, service.SSHService):
+        """The client's ``ssh-connection`` once logged in: records, never answers."""
+
+        name = b"ssh-connection"
+
+        def __init__(self) -> None:
+            RecordingService.__init__(self)
+
+    class RawSSHClient(transport.SSHClientTransport):
+        """A bare Conch client: any host key will do; once secure it requests
+        ``ssh-userauth`` (a `ScriptedAuth`), and after a SUCCESS it runs a
+        `RecordingConnection`, so a test can send any packet it likes."""
+
+        def __init__(self) -> None:
+            self.auth = ScriptedAuth()
+            self.conn = RecordingConnection()
+            self.secured = False
+            self.lost = False
+
+        def verifyHostKey(self, hostKey: bytes, fp: bytes) -> defer.Deferred[bool]:
+            return defer.succeed(True)
+
+        def connectionSecure(self) -> None:
+            if not self.secured:  # NEWKEYS of a re-key calls this again
+                self.secured = True
+                self.requestService(self.auth)
+
+        def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+            if messageNum == userauth.MSG_USERAUTH_SUCCESS and self.service is self.auth:
+                self.auth.received.append((messageNum, payload))
+                self.setService(self.conn)
+                return
+            super().dispatchMessage(messageNum, payload)
+
+        def connectionLost(self, reason: Any) -> None:
+            self.lost = True
+            super().connectionLost(reason)
+
+    return RawSSHClient
+
+
+RawSSHClient = _raw_client_class()
+
+
+def raw_connect(
+    factory: SSHMuxFactory, clock: Clock, peer: Any = WORKER_HOST_ADDRESS, client: Any = None
+) -> tuple[Any, MuxServerTransport, ClosingWire]:
+    """A `RawSSHClient` (or ``client``) joined to a new server transport of
+    ``factory`` by a `ClosingWire`; nothing is pumped yet."""
+    client = client if client is not None else RawSSHClient()
+    server = factory.buildProtocol(peer)
+    client_io = FakeTransport(client, isServer=False, hostAddress=peer, peerAddress=MASTER_ADDRESS)
+    server_io = FakeTransport(server, isServer=True, hostAddress=MASTER_ADDRESS, peerAddress=peer)
+    server.makeConnection(server_io)
+    client.makeConnection(client_io)
+    return client, server, ClosingWire(client_io, server_io, clock)
+
+
+def raw_login(
+    factory: SSHMuxFactory, clock: Clock, key: keys.Key = HOST_KEY, peer: Any = WORKER_HOST_ADDRESS
+) -> tuple[Any, MuxServerTransport, ClosingWire]:
+    """`raw_connect`, then log in with ``key``: the server runs its ssh-connection
+    service for the raw client, which records what the server sends."""
+    client, server, wire = raw_connect(factory, clock, peer)
+    wire.flush()
+    assert client.auth.started, "ssh-userauth did not start"
+    client.auth.publickey_signed(key)
+    wire.flush()
+    assert client.service is client.conn, f"the login failed: {client.auth.received}"
+    return client, server, wire
