@@ -145,7 +145,10 @@ class MuxClientConnection(FlowControlledConnection):
     def serviceStarted(self) -> None:
         super().serviceStarted()
         self.keepalive = Keepalive(
-            self, self.link.reactor, self.link.liveness, lambda: f"master {self.link.address}"
+            self,
+            self.link.reactor,
+            self.link.liveness,
+            lambda: f"master {self.link.address} (as {fingerprint(self.link.identity)})",
         )
         self.keepalive.start()
         self.link.connection_ready(self)
@@ -171,6 +174,7 @@ class MuxClientTransport(RekeyingTransport, transport.SSHClientTransport):
 
     supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHClientTransport.supportedCiphers)
     supportedMACs = prefer(PREFERRED_MACS, transport.SSHClientTransport.supportedMACs)
+    _secured = False
 
     def __init__(self, link: MasterLink) -> None:
         self.link = link
@@ -200,6 +204,10 @@ class MuxClientTransport(RekeyingTransport, transport.SSHClientTransport):
         self.start_rekey_timer(self.link.reactor)
 
     def connectionSecure(self) -> None:
+        # Conch calls this on every NEWKEYS, re-keys included: log in once only.
+        if self._secured:
+            return
+        self._secured = True
         self.requestService(MuxUserAuthClient(self.link, MuxClientConnection(self.link)))
 
     def connectionLost(self, reason: Any) -> None:

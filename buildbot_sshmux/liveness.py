@@ -18,6 +18,7 @@ from typing import Any, Callable
 
 from attrs import frozen
 from twisted.conch.error import ConchError
+from twisted.conch.ssh.transport import MSG_KEXINIT
 from twisted.logger import Logger
 from twisted.python.failure import Failure
 
@@ -150,14 +151,18 @@ class RekeyingTransport:
         return result
 
     def _newKeys(self) -> None:
+        self._bytes_since_kex = 0  # before the queued packets are sent (and counted)
         super()._newKeys()  # type: ignore[misc]
-        self._bytes_since_kex = 0
         self._schedule_rekey()
-        self._hold_channels(False)
+        # Sending the queued packets may have started the next exchange.
+        self._hold_channels(self._keyExchangeState != self._KEY_EXCHANGE_NONE)  # type: ignore[attr-defined]
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
         super().sendPacket(messageType, payload)  # type: ignore[misc]
-        self._count(len(payload))
+        # Not a KEXINIT: sendKexInit marks the exchange started only after
+        # sending it, so a rekey() from here would send a second KEXINIT.
+        if messageType != MSG_KEXINIT:
+            self._count(len(payload))
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)  # type: ignore[misc]

@@ -11,6 +11,7 @@ logged with the host, its key fingerprint and its address.
 from __future__ import annotations
 
 import ipaddress
+import itertools
 from typing import Any, Callable, Iterable, Sequence
 
 from twisted.conch.avatar import ConchUser
@@ -40,6 +41,8 @@ from buildbot_sshmux.limits import ServerLimits, StartupGate
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
 
 log = Logger()
+
+_serials = itertools.count()
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
@@ -142,6 +145,9 @@ class HostAvatar(ConchUser):
         return tcp.getPeer() if tcp is not None else None
 
     def refuse(self, what: str, code: int) -> ConchError:
+        # ``what`` may quote the peer (a target host): keep it one ASCII line,
+        # for the log and for Conch, which sends the reason as ASCII.
+        what = what.encode("unicode_escape").decode("ascii")
         log.warn("refused {what} for {who}", what=what, who=self.describe())
         return ConchError(f"buildbot-sshmux refuses {what}", code)
 
@@ -298,6 +304,16 @@ class MuxServerConnection(FlowControlledConnection):
         self.keepalive.stop()
         super().serviceStopped()
 
+    # The master never opens a channel, so an answer to one is bogus; Conch
+    # would apply it to the open channel of that number and corrupt it.  The
+    # transport drops the peer (see MuxServerTransport.dispatchMessage).
+
+    def ssh_CHANNEL_OPEN_CONFIRMATION(self, packet: bytes) -> None:
+        raise ConchError("CHANNEL_OPEN_CONFIRMATION for a channel the master never opened")
+
+    def ssh_CHANNEL_OPEN_FAILURE(self, packet: bytes) -> None:
+        raise ConchError("CHANNEL_OPEN_FAILURE for a channel the master never opened")
+
 
 class MuxServerTransport(RekeyingTransport, transport.SSHServerTransport):
     """Conch's server transport with sshd's limits, rekeying and fast algorithms first."""
@@ -331,12 +347,29 @@ class MuxServerTransport(RekeyingTransport, transport.SSHServerTransport):
             self.transport.abortConnection()
             return
         factory.connections.add(self)
+        self.serial = next(_serials)  # connections is a set: this orders them by age
         self.liveness = factory.liveness
         super().connectionMade()
         self.start_rekey_timer(factory.reactor)
         grace = factory.limits.login_grace_time
         if grace > 0:
             self._grace_call = factory.reactor.callLater(grace, self._grace_expired, grace)
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        # Conch parses with struct and indexing: a malformed message from the
+        # peer raises.  It must not reach the reactor; the peer is dropped.
+        if getattr(self.transport, "disconnecting", False):
+            return  # once dropping it, read nothing more (as a socket would)
+        try:
+            super().dispatchMessage(messageNum, payload)
+        except Exception as e:
+            log.warn(
+                "{peer}: malformed SSH message {number} ({error}); disconnected",
+                peer=self.describe_peer(),
+                number=messageNum,
+                error=f"{type(e).__name__}: {e}",
+            )
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
 
     def _grace_expired(self, grace: float) -> None:
         self._grace_call = None
@@ -403,10 +436,11 @@ class SSHMuxFactory(factory.SSHFactory):
     def enforce_connections_per_host(self, newest: MuxServerTransport) -> None:
         """Close a host key's oldest connections beyond max_connections_per_host."""
         blob = newest.avatar.entry.key.blob()
-        same = [
-            c for c in self.connections
-            if c is not newest and c.authenticated and c.avatar.entry.key.blob() == blob
-        ]  # fmt: skip
+        same = sorted(
+            (c for c in self.connections
+             if c is not newest and c.authenticated and c.avatar.entry.key.blob() == blob),
+            key=lambda c: c.serial,
+        )  # fmt: skip
         excess = len(same) + 1 - self.limits.max_connections_per_host
         for old in same[: max(0, excess)]:
             log.warn(

@@ -81,7 +81,10 @@ def settings(**options: Any) -> tuple[FlowLimits, ServerLimits, Liveness]:
         if index is None:
             raise ValueError(f"unknown argument {name!r}")
         if name == "max_startups":
-            parts = value.split(":") if isinstance(value, str) else list(value)
+            if isinstance(value, str):
+                parts = value.split(":")
+            else:
+                parts = list(value) if isinstance(value, (tuple, list)) else []
             if len(parts) != 3 or not all(str(p).isdigit() for p in parts):
                 raise ValueError(f"max_startups must be 'start:rate:full', e.g. '10:30:100', not {value!r}")
             value = tuple(int(p) for p in parts)

@@ -368,9 +368,12 @@ def tune(
     limits: Any = None,
     mux_auth: bool = False,
     seed: int = 0,
+    closing_wires: bool = True,
 ) -> SSHPair:
     """Give ``pair``'s server `ServerLimits` / `Liveness` and its link a `Liveness`
-    (before start()); ``mux_auth`` runs the real `MuxUserAuthServer` (max_auth_tries)."""
+    (before start()); ``mux_auth`` runs the real `MuxUserAuthServer` (max_auth_tries);
+    ``closing_wires``: the pair's wires are `ClosingWire`s (nothing is delivered
+    to a side that closed its transport, as with real sockets)."""
     import random
 
     from buildbot_sshmux.limits import StartupGate
@@ -384,6 +387,15 @@ def tune(
         pair.link.liveness = client_liveness
     if mux_auth:
         pair.factory.services = mux_clocked_services(pair.clock)
+    if closing_wires:
+        connect = pair.endpoint.connect
+
+        def connect_closing(factory: Any) -> defer.Deferred[Any]:
+            d = connect(factory)
+            pair.endpoint.wires[-1].__class__ = ClosingWire
+            return d
+
+        pair.endpoint.connect = connect_closing  # type: ignore[method-assign]
     return pair
 
 
