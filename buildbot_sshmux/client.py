@@ -28,7 +28,7 @@ from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, Flo
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
-from buildbot_sshmux.server import PREFERRED_CIPHERS, PREFERRED_MACS, prefer
+from buildbot_sshmux.sshtransport import PREFERRED_CIPHERS, PREFERRED_MACS, DropMalformed, prefer
 
 log = Logger()
 
@@ -169,7 +169,7 @@ class MuxClientConnection(FlowControlledConnection):
         return 0
 
 
-class MuxClientTransport(RekeyingTransport, transport.SSHClientTransport):
+class MuxClientTransport(DropMalformed, RekeyingTransport, transport.SSHClientTransport):
     """Conch's client transport with host key pinning and rekeying."""
 
     supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHClientTransport.supportedCiphers)
@@ -182,6 +182,9 @@ class MuxClientTransport(RekeyingTransport, transport.SSHClientTransport):
         # Pinned types first; with fingerprints only, ed25519 (what `init` makes).
         pinned = link.pins.preferred_algorithms(link.host, link.port) + [b"ssh-ed25519"]
         self.supportedPublicKeys = prefer(pinned, transport.SSHClientTransport.supportedPublicKeys)
+
+    def describe_peer(self) -> str:
+        return f"master {self.link.address}"
 
     def verifyHostKey(self, hostKey: bytes, fp: bytes) -> defer.Deferred[bool]:
         key = keys.Key.fromString(hostKey)

@@ -66,10 +66,11 @@ class Keepalive:
 
     def _tick(self) -> None:
         self._call = None
-        if self.unanswered >= self.settings.keepalive_count_max:
+        limit = self.settings.keepalive_count_max
+        if limit and self.unanswered >= limit:  # 0: never drop, as OpenSSH's CountMax 0
             silent = self.unanswered * self.settings.keepalive_interval
             log.warn(
-                "{who}: no answer to {n} keepalives ({seconds:.0f}s); dropping the connection",
+                "{who}: no answer to {n} keepalives in {seconds:.0f}s; dropping the connection",
                 who=self.describe(),
                 n=self.unanswered,
                 seconds=silent,

@@ -39,23 +39,13 @@ from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, Flo
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.limits import ServerLimits, StartupGate
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.sshtransport import PREFERRED_CIPHERS, PREFERRED_MACS, DropMalformed, prefer
 
 log = Logger()
 
 _serials = itertools.count()
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
-
-# Fast, widely supported algorithms first (hmac-sha2-512 costs ~2.5x sha2-256).
-PREFERRED_CIPHERS = [b"aes128-ctr", b"aes256-ctr", b"aes192-ctr"]
-PREFERRED_MACS = [b"hmac-sha2-256", b"hmac-sha2-512", b"hmac-sha1"]
-
-
-def prefer(preferred: Sequence[bytes], supported: Sequence[bytes]) -> list[bytes]:
-    """Order ``supported`` with ``preferred`` first, keeping only supported names."""
-    first = [name for name in preferred if name in supported]
-    return first + [name for name in supported if name not in first]
-
 
 def is_loopback(host: str) -> bool:
     """Whether a direct-tcpip target names this machine's loopback."""
@@ -315,7 +305,7 @@ class MuxServerConnection(FlowControlledConnection):
         raise ConchError("CHANNEL_OPEN_FAILURE for a channel the master never opened")
 
 
-class MuxServerTransport(RekeyingTransport, transport.SSHServerTransport):
+class MuxServerTransport(DropMalformed, RekeyingTransport, transport.SSHServerTransport):
     """Conch's server transport with sshd's limits, rekeying and fast algorithms first."""
 
     supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHServerTransport.supportedCiphers)
@@ -354,22 +344,6 @@ class MuxServerTransport(RekeyingTransport, transport.SSHServerTransport):
         grace = factory.limits.login_grace_time
         if grace > 0:
             self._grace_call = factory.reactor.callLater(grace, self._grace_expired, grace)
-
-    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
-        # Conch parses with struct and indexing: a malformed message from the
-        # peer raises.  It must not reach the reactor; the peer is dropped.
-        if getattr(self.transport, "disconnecting", False):
-            return  # once dropping it, read nothing more (as a socket would)
-        try:
-            super().dispatchMessage(messageNum, payload)
-        except Exception as e:
-            log.warn(
-                "{peer}: malformed SSH message {number} ({error}); disconnected",
-                peer=self.describe_peer(),
-                number=messageNum,
-                error=f"{type(e).__name__}: {e}",
-            )
-            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message")
 
     def _grace_expired(self, grace: float) -> None:
         self._grace_call = None

@@ -465,3 +465,31 @@ class RekeyTests(TestCase):
             self.assertEqual(held, in_kex, "channels released while an exchange runs")
         self.assertConnected(pair, server)
         self.echo_all(session, ["still here"])
+
+
+class CountMaxZeroTests(TestCase):
+    """keepalive_count_max=0 keeps sending but never drops, as OpenSSH's CountMax 0."""
+
+    def test_unanswered_keepalives_never_drop_the_connection(self) -> None:
+        from twisted.internet.defer import Deferred
+        from twisted.internet.task import Clock
+        from twisted.internet.testing import StringTransport
+
+        from buildbot_sshmux.liveness import Keepalive, Liveness
+
+        class Silent:
+            def __init__(self) -> None:
+                self.transport = type("T", (), {"transport": StringTransport()})()
+                self.sent = 0
+
+            def sendGlobalRequest(self, request: bytes, data: bytes, wantReply: int = 0) -> Deferred[None]:
+                self.sent += 1
+                return Deferred()  # never answered
+
+        clock, conn = Clock(), Silent()
+        keepalive = Keepalive(conn, clock, Liveness(keepalive_interval=5, keepalive_count_max=0), lambda: "peer")
+        keepalive.start()
+        clock.pump([5] * 20)
+        self.assertEqual(conn.sent, 20)
+        self.assertFalse(conn.transport.transport.disconnecting)
+        keepalive.stop()
