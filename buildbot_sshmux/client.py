@@ -179,9 +179,12 @@ class MuxClientTransport(DropMalformed, RekeyingTransport, transport.SSHClientTr
     def __init__(self, link: MasterLink) -> None:
         self.link = link
         self.liveness = link.liveness
-        # Pinned types first; with fingerprints only, ed25519 (what `init` makes).
+        # Pinned types first; with fingerprints only, ed25519 (what `init` makes),
+        # and the types a previous dial was offered in vain last.
         pinned = link.pins.preferred_algorithms(link.host, link.port) + [b"ssh-ed25519"]
-        self.supportedPublicKeys = prefer(pinned, transport.SSHClientTransport.supportedPublicKeys)
+        order = prefer(pinned, transport.SSHClientTransport.supportedPublicKeys)
+        tried = [alg for t in link.mismatched_types for alg in _algorithms(t)]
+        self.supportedPublicKeys = [a for a in order if a not in tried] + [a for a in order if a in tried]
 
     def describe_peer(self) -> str:
         return f"master {self.link.address}"
@@ -193,6 +196,9 @@ class MuxClientTransport(DropMalformed, RekeyingTransport, transport.SSHClientTr
         mismatch = HostKeyMismatch(self.link.address, self.link.pins.describe(), fingerprint(key))
         log.error("{error}", error=str(mismatch))
         self.link.refused = True
+        # A fingerprint does not say the key's type: if the master has keys of
+        # other types (a rotation), the next dial asks for those first.
+        self.link.mismatched_types.add(key.sshType())
         return defer.fail(mismatch)
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
@@ -256,6 +262,7 @@ class MasterLink(service.Service):
         )
         self.connection: MuxClientConnection | None = None
         self.refused = False
+        self.mismatched_types: set[bytes] = set()
         self.dials = 0
         self._attempt = 0
         self._waiters: list[defer.Deferred[MuxClientConnection]] = []
@@ -343,6 +350,7 @@ class MasterLink(service.Service):
     def connection_ready(self, connection: MuxClientConnection) -> None:
         self.connection = connection
         self._attempt = 0
+        self.mismatched_types.clear()
         log.info(
             "connected to master {master} as {fingerprint}",
             master=self.address,
