@@ -1,0 +1,1 @@
+"""Benchmarks of buildbot-sshmux against plain PB/TCP and an OpenSSH tunnel (``tox -e bench``)."""

@@ -1,0 +1,441 @@
+"""Run every workload over every transport, side by side, and print one table.
+
+    python -m benchmarks [--json FILE] [--plot FILE.png] [--reps 3] ...
+    tox -e bench -- --json bench.json
+
+Transports: (a) plain PB/TCP, (b) buildbot-sshmux, (c) a stock OpenSSH
+``ssh -N -L`` tunnel through a private sshd (skipped, with a notice, if
+sshd is absent).  Each measurement runs in fresh processes: the master side
+(benchmarks.workloads) and the worker side (benchmarks.loadgen, or
+``ssh-worker``).  Figures are medians of ``--reps`` runs; the ratio columns
+are sshmux / plain and sshmux / OpenSSH (the "better" column says which way
+is good), and the issue's targets are checked below the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import pstats
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+from benchmarks.common import MiB, median, openssh_missing, python_env
+
+TRANSPORTS = ("plain", "sshmux", "openssh")
+TITLES = {"plain": "plain PB", "sshmux": "sshmux", "openssh": "OpenSSH"}
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--json", metavar="FILE", help="write every figure (and the table's rows) as JSON")
+    p.add_argument("--plot", metavar="PNG", help="plot attach time and bulk throughput (needs matplotlib)")
+    p.add_argument("--workloads", default="bulk,fairness,memory,attach",
+                   help="comma-separated: bulk, fairness, memory, attach, profile (default: all but profile)")
+    p.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated: plain, sshmux, openssh")
+    p.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
+    p.add_argument("--bulk-mib", type=int, default=256, help="MiB sent per bulk run, split across channels")
+    p.add_argument("--channels", default="1,10,100", help="bulk channel counts (default 1,10,100)")
+    p.add_argument("--profile-channels", type=int, default=1, help="channels of the profiled bulk run (default 1)")
+    p.add_argument("--sessions", default="50,200,1000,2000", help="attach sizes (default 50,200,1000,2000)")
+    p.add_argument("--attach-reps-upto", type=int, default=200,
+                   help="attach sizes above this run once (default 200)")
+    p.add_argument("--attach-timeout", type=float, default=30.0, help="seconds to wait for all sessions (default 30)")
+    p.add_argument("--db-url", default="sqlite://",
+                   help="the attach master's database (default: sqlite in memory: disk syncs would hide the transport)")
+    p.add_argument("--keep", action="store_true", help="keep the work directory (logs, keys, configs)")
+    return p.parse_args(argv)
+
+
+def environment() -> dict[str, Any]:
+    def version(dist: str) -> str:
+        try:
+            return metadata.version(dist)
+        except metadata.PackageNotFoundError:
+            return "?"
+
+    try:
+        openssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False).stderr.split(",")[0]
+    except OSError:
+        openssh = "absent"
+    return {
+        "date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
+        "cpus": os.cpu_count(),
+        "machine": f"{platform.system()} {platform.release()} {platform.machine()}",
+        "python": platform.python_version(),
+        "twisted": version("twisted"),
+        "buildbot": version("buildbot"),
+        "buildbot_worker": version("buildbot-worker"),
+        "cryptography": version("cryptography"),
+        "openssh": openssh,
+    }
+
+
+class Runner:
+    """Runs one workload over one transport in a fresh process; keeps what it says."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.count = 0
+        self.errors: list[str] = []
+        self.started = time.monotonic()
+
+    def __call__(self, workload: str, transport: str, limit: float, **params: Any) -> dict[str, Any]:
+        """Figures of one run, or {"error": ...} if it failed or gave no answer in ``limit`` seconds."""
+        self.count += 1
+        root = self.root / f"{self.count:03d}-{workload}-{transport}"
+        params.update(workload=workload, transport=transport, root=str(root))
+        what = f"{workload} over {TITLES[transport]}"
+        if "sessions" in params:
+            what += f", {params['sessions']} sessions"
+        print(f"[{time.monotonic() - self.started:6.1f}s] {what}", flush=True)
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "benchmarks.workloads", json.dumps(params)],
+                env=python_env(), capture_output=True, text=True, timeout=limit, check=False,
+            )  # fmt: skip
+        except subprocess.TimeoutExpired:
+            error = f"no answer in {limit:.0f}s"
+        else:
+            if done.returncode == 0:
+                return json.loads(done.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+            error = (done.stderr or done.stdout)[-2000:]
+        print(f"    FAILED: {error}", flush=True)
+        self.errors.append(what)
+        return {"error": error}
+
+
+# --- the workloads, as the runner sees them ---------------------------------
+
+
+def run_bulk(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    channels = [int(c) for c in args.channels.split(",")]
+    return {
+        t: run("bulk", t, 600, channels=channels, bytes=args.bulk_mib * MiB, reps=args.reps) for t in transports
+    }
+
+
+FAIRNESS = {"channels": 10, "seconds": 3.0, "warmup": 0.5, "gap": 0.005, "timeout": 5.0}
+STALL = {"channels": 64, "bytes": 6 * MiB, "hold": 1.5}
+
+
+def run_fairness(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    return {t: run("fairness", t, 300, reps=args.reps, loadgen=FAIRNESS) for t in transports}
+
+
+def run_memory(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    # One run per process: a process's peak RSS is only clean once.
+    return {t: [run("memory", t, 120, loadgen=STALL) for _ in range(args.reps)] for t in transports}
+
+
+def run_attach(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    results: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in transports}
+    gave_up: dict[str, int] = {}
+    for n in [int(s) for s in args.sessions.split(",")]:
+        for t, at in gave_up.items():
+            results[t][str(n)] = [{"skipped": f"timed out at {at}"}]
+        for _rep in range(args.reps if n <= args.attach_reps_upto else 1):
+            for t in transports:
+                if t not in gave_up:
+                    figures = run("attach", t, args.attach_timeout + 120, sessions=n, timeout=args.attach_timeout,
+                                  db_url=args.db_url)  # fmt: skip
+                    results[t].setdefault(str(n), []).append(figures)
+        for t in transports:
+            if t not in gave_up and attach_seconds(results[t][str(n)]) == INF:
+                gave_up[t] = n
+                print(f"    {TITLES[t]}: not all {n} sessions attached in {args.attach_timeout:g}s; no larger sizes")
+    return results
+
+
+INF = float("inf")
+
+
+def attach_seconds(runs: list[dict[str, Any]]) -> float | None:
+    """Median seconds to all attached, a run that timed out counting as infinity."""
+    return median([INF if f.get("seconds") is None else f["seconds"] for f in runs if "attached" in f])
+
+
+def run_profile(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    """cProfile both sides of one sshmux bulk run."""
+    prefix = str(run.root / "profile")
+    channels = [args.profile_channels]
+    figures = run("bulk", "sshmux", 300, channels=channels, bytes=args.bulk_mib * MiB, reps=1, profile=prefix)
+    tops = {}
+    for side in ("master", "worker"):
+        path = f"{prefix}.{side}"
+        if not Path(path).exists():
+            continue
+        out = Path(f"{path}.txt")
+        with open(out, "w") as f:
+            stats = pstats.Stats(path, stream=f).strip_dirs()
+            stats.sort_stats("cumulative").print_stats(15)
+            stats.sort_stats("tottime").print_stats(10)
+        tops[side] = out.read_text()
+    return {"bulk": figures, "pstats": tops}
+
+
+# --- the table ---------------------------------------------------------------
+
+
+def fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, str):
+        return value
+    return f"{value:.0f}" if abs(value) >= 1000 else f"{value:.3g}"
+
+
+def med(runs: list[dict[str, Any]], key: str, scale: float = 1.0) -> float | None:
+    values = [r[key] * scale for r in runs if r.get(key) is not None]
+    return median(values) if values else None
+
+
+def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
+    """Table rows: {name, better, plain, sshmux, openssh}; a cell is a number, text or None."""
+    out: list[dict[str, Any]] = []
+
+    def row(name: str, better: str, cells: dict[str, Any]) -> None:
+        out.append({"name": name, "better": better, **cells})
+
+    bulk = {t: r for t, r in results.get("bulk", {}).items() if "runs" in r}
+    for n in next(iter(bulk.values()), {}).get("runs", {}):
+        row(f"bulk, {n} ch, MB/s (aggregate)", "higher", {t: med(r["runs"][n], "mb_per_s") for t, r in bulk.items()})
+    for side in ("master", "worker"):
+        for n in next(iter(bulk.values()), {}).get("runs", {}):
+            row(f"bulk, {n} ch, {side} CPU s/GB", "lower",
+                {t: med(r["runs"][n], f"{side}_cpu_s_per_gb") for t, r in bulk.items()})  # fmt: skip
+
+    fair = {t: r["runs"] for t, r in results.get("fairness", {}).items() if "runs" in r}
+    if fair:
+        row("small PB call RTT, idle, p50 ms", "lower", {t: med(r, "idle_p50", 1e3) for t, r in fair.items()})
+        row("small call RTT, 10 bulk ch, p50 ms", "lower", {t: med(r, "busy_p50", 1e3) for t, r in fair.items()})
+        row("small call RTT, 10 bulk ch, p99 ms", "lower", {t: med(r, "busy_p99", 1e3) for t, r in fair.items()})
+        row("  bulk meanwhile, MB/s (aggregate)", "higher", {t: med(r, "bulk_mb_per_s") for t, r in fair.items()})
+
+    mem = {t: [r for r in runs if "peak_growth" in r] for t, runs in results.get("memory", {}).items()}
+    if any(mem.values()):
+        budget = next(r["budget"] for runs in mem.values() for r in runs) / MiB
+        row(f"stalled peer: master peak RSS +MiB (budget {budget:.0f})", "lower",
+            {t: med(r, "peak_growth", 1 / MiB) for t, r in mem.items()})  # fmt: skip
+
+    attach = results.get("attach", {})
+    sizes = sorted({int(n) for by_n in attach.values() for n in by_n})
+    for n in sizes:
+        runs = {t: [f for f in by_n.get(str(n), []) if "attached" in f] for t, by_n in attach.items()}
+        cells: dict[str, Any] = {}
+        for t, by_n in attach.items():
+            r, seconds = runs[t], attach_seconds(runs[t])
+            skipped = [f["skipped"] for f in by_n.get(str(n), []) if "skipped" in f]
+            if skipped:
+                cells[t] = f"skipped: {skipped[0]}"
+            elif not r:
+                cells[t] = "error"
+            elif seconds == INF:
+                worst = min(r, key=lambda f: f["attached"])
+                cells[t] = f"t/o {worst['attached']}/{n} @{worst['waited']:.0f}s"
+            else:
+                cells[t] = seconds
+        row(f"attach {n} sessions, s", "lower", cells)
+        row(f"  master open fds after ({n})", "lower", {t: med(r, "master_fds") for t, r in runs.items()})
+        row(f"  master RSS after, MiB ({n})", "lower", {t: med(r, "master_rss", 1 / MiB) for t, r in runs.items()})
+        row(f"  worker side RSS/session, KiB ({n})", "lower",
+            {t: median([f["worker_rss"] / 1024 / n for f in r]) for t, r in runs.items()})  # fmt: skip
+    if len(sizes) >= 2:
+        a, b = sizes[:2]
+
+        def slope(by_n: dict[str, list[dict[str, Any]]]) -> float | None:
+            rss = [med([f for f in by_n.get(str(k), []) if "worker_rss" in f], "worker_rss") for k in (a, b)]
+            return None if None in rss else (rss[1] - rss[0]) / 1024 / (b - a)  # type: ignore[operator]
+
+        row(f"worker side RSS per added session, KiB ({a}->{b})", "lower",
+            {t: slope(by_n) for t, by_n in attach.items()})  # fmt: skip
+    return out
+
+
+def ratio(a: Any, b: Any) -> str:
+    if not isinstance(a, (int, float)) or not isinstance(b, (int, float)) or not b:
+        return "-"
+    return f"{a / b:.2f}x"
+
+
+def table(env: dict[str, Any], table_rows: list[dict[str, Any]], notes: list[str]) -> str:
+    header = ["workload", "better", "plain PB", "sshmux", "OpenSSH", "sshmux/plain", "sshmux/OpenSSH"]
+    lines = [
+        [r["name"], r["better"], fmt(r.get("plain")), fmt(r.get("sshmux")), fmt(r.get("openssh")),
+         ratio(r.get("sshmux"), r.get("plain")), ratio(r.get("sshmux"), r.get("openssh"))]
+        for r in table_rows
+    ]  # fmt: skip
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
+
+    def render(cells: list[str]) -> str:
+        return " | ".join(c.ljust(w) if i < 2 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
+    title = (
+        f"buildbot-sshmux benchmarks, {env['date']}: {env['cpus']} CPUs, {env['machine']}; Python {env['python']},"
+        f" Twisted {env['twisted']}, Buildbot {env['buildbot']}, cryptography {env['cryptography']}, {env['openssh']}"
+    )
+    rule = "-+-".join("-" * w for w in widths)
+    return "\n".join([title, "", render(header), rule, *map(render, lines), "", *notes])
+
+
+def targets(results: dict[str, Any], table_rows: list[dict[str, Any]]) -> list[str]:
+    """The issue's targets, each with how far off it is."""
+    by_name = {r["name"]: r for r in table_rows}
+    checks = []
+
+    def check(label: str, value: Any, limit: float, higher: bool, unit: str = "") -> None:
+        if not isinstance(value, (int, float)):
+            checks.append(f"  {'MISS' if value else '?   '} {label}: {value or 'not measured'}")
+            return
+        ok = value >= limit if higher else value <= limit
+        wanted = f"{'>=' if higher else '<='} {limit:g}{unit}"
+        checks.append(f"  {'PASS' if ok else 'MISS'} {label}: {value:.3g}{unit} (target {wanted})")
+
+    one = by_name.get("bulk, 1 ch, MB/s (aggregate)", {})
+    hundred = by_name.get("bulk, 100 ch, MB/s (aggregate)", {})
+    if isinstance(one.get("sshmux"), (int, float)) and isinstance(one.get("openssh"), (int, float)):
+        check("one channel bulk vs OpenSSH tunnel", one["sshmux"] / one["openssh"], 1.0, True, "x")
+    if isinstance(one.get("sshmux"), (int, float)) and isinstance(hundred.get("sshmux"), (int, float)):
+        check("100 channels aggregate vs one channel", hundred["sshmux"] / one["sshmux"], 1.0, True, "x")
+    check("small-call p99 with 10 bulk channels", by_name.get("small call RTT, 10 bulk ch, p99 ms", {}).get("sshmux"),
+          20, False, " ms")  # fmt: skip
+    attach = results.get("attach", {}).get("sshmux", {})
+    if "2000" in attach:
+        check("2000 sessions all attached", by_name.get("attach 2000 sessions, s", {}).get("sshmux"), 15, False, " s")
+    added = {n: median([f["master_fds"] - f["master_fds_before"] - f["connections"] for f in runs if "master_fds" in f])
+             for n, runs in attach.items()}  # fmt: skip
+    if added:
+        spread = max(added.values()) - min(added.values())
+        checks.append(
+            f"  {'PASS' if spread <= 1 else 'MISS'} master fds = connections + constant:"
+            f" fds added less connections, by sessions: {', '.join(f'{n}: {v:g}' for n, v in added.items())}"
+        )
+    mem = [r for r in results.get("memory", {}).get("sshmux", []) if "peak_growth" in r]
+    if mem:
+        worst = max(r["peak_growth"] for r in mem)
+        check("stalled peer: master peak RSS growth vs budget (worst run)", worst / mem[0]["budget"], 1.2, False, "x")
+    return checks
+
+
+def notes(results: dict[str, Any], skipped: dict[str, str], args: argparse.Namespace, errors: list[str]) -> list[str]:
+    algorithms = {t: r.get("algorithms") for t, r in results.get("bulk", {}).items() if r.get("algorithms")}
+    explain = {
+        "bulk": f"bulk: {args.bulk_mib} MiB worker -> master per run, split over the channels; timed at the master,"
+        " first to last byte. CPU: each side's processes, sshd and ssh included for OpenSSH.",
+        "fairness": f"fairness: PB ping on its own channel, {FAIRNESS['gap'] * 1e3:g} ms apart, for"
+        f" {FAIRNESS['seconds']:g} s while {FAIRNESS['channels']} channels of the same connection stream flat out"
+        " (plain PB: separate TCP connections).",
+        "memory": f"memory: {STALL['channels']} channels each ask for {STALL['bytes'] // MiB} MiB, written at once"
+        " by the master; the peer never reads its socket.",
+        "attach": f"attach: real Buildbot master (sqlite {'in memory' if args.db_url == 'sqlite://' else args.db_url}),"
+        f" 10 workers per builder; t/o = attached/N when the {args.attach_timeout:g} s timeout hit (the median"
+        " counts it as infinite).",
+    }
+    lines = [
+        (
+            f"Medians of {args.reps} runs (attach above {args.attach_reps_upto} sessions: 1 run); ratios are"
+            " sshmux divided by the other column (see 'better' for which way is good)."
+        ),
+        *(text for name, text in explain.items() if name in results),
+    ]
+    if algorithms:
+        lines.append("ciphers: " + "; ".join(f"{TITLES[t]} {a}" for t, a in algorithms.items()))
+    for t, by_n in results.get("attach", {}).items():
+        raised = [n for n, runs in by_n.items() if any(f.get("max_channels_raised") for f in runs)]
+        if raised:
+            lines.append(f"attach over {TITLES[t]}: max_channels raised to N for N = {', '.join(raised)}"
+                         " (the default caps channels per connection)")  # fmt: skip
+    overflows = {t: sum(f.get("listen_overflows", 0) for runs in by_n.values() for f in runs)
+                 for t, by_n in results.get("attach", {}).items()}  # fmt: skip
+    if any(overflows.values()):
+        lines.append("attach: connections turned away by a full accept queue (ListenOverflows), all runs: "
+                     + ", ".join(f"{TITLES[t]} {v}" for t, v in overflows.items()))  # fmt: skip
+    mem = {t: runs for t, runs in results.get("memory", {}).items() if runs and "aborted_streams" in runs[0]}
+    if mem:
+        lines.append("memory: streams the master aborted: " + ", ".join(
+            f"{TITLES[t]} {runs[0]['aborted_streams']}/{runs[0]['streams']}" for t, runs in mem.items()))  # fmt: skip
+    for transport, why in skipped.items():
+        lines.append(f"NOTICE: {TITLES[transport]} column skipped: {why}")
+    if errors:
+        lines.append("FAILED: " + ", ".join(errors) + " (see the output above)")
+    return lines
+
+
+def plot(path: str, results: dict[str, Any]) -> str:
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return "no plot: matplotlib is not installed (pip install matplotlib)"
+    fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
+    for t, by_n in results.get("attach", {}).items():
+        seconds = {int(n): attach_seconds(runs) for n, runs in by_n.items()}
+        done = sorted((n, s) for n, s in seconds.items() if s not in (None, INF))
+        timed_out = [(n, max(f["waited"] for f in by_n[str(n)] if "waited" in f))
+                     for n, s in seconds.items() if s == INF]  # fmt: skip
+        line = left.plot(*zip(*done), marker="o", label=TITLES[t])[0] if done else None
+        if timed_out:
+            color = line.get_color() if line else None
+            left.plot(*zip(*timed_out), "x", markersize=10, color=color, label=f"{TITLES[t]}: timed out")
+    left.set(xlabel="worker sessions", ylabel="seconds to all attached", xscale="log", title="attach")
+    for t, r in results.get("bulk", {}).items():
+        if "runs" in r:
+            points = sorted((int(n), med(runs, "mb_per_s")) for n, runs in r["runs"].items())
+            right.plot(*zip(*points), marker="o", label=TITLES[t])
+    right.set(xlabel="channels", ylabel="MB/s (aggregate)", xscale="log", yscale="log", title="bulk")
+    for ax in (left, right):
+        if ax.get_legend_handles_labels()[0]:
+            ax.legend()
+        ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    return f"plot written to {path}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    started = time.monotonic()
+    env = environment()
+    transports = [t for t in args.transports.split(",") if t]
+    skipped = {}
+    if "openssh" in transports and (why := openssh_missing()):
+        skipped["openssh"] = why
+        transports.remove("openssh")
+        print(f"NOTICE: the OpenSSH column is skipped: {why}", flush=True)
+    root = Path(tempfile.mkdtemp(prefix="sshmux-bench-"))
+    run = Runner(root)
+    workloads = {"bulk": run_bulk, "fairness": run_fairness, "memory": run_memory, "attach": run_attach,
+                 "profile": run_profile}  # fmt: skip
+    results = {name: workloads[name](run, args, transports) for name in args.workloads.split(",")}
+    if args.keep or run.errors:
+        print(f"work directory kept (logs, keys, configs): {root}")
+    else:
+        shutil.rmtree(root, ignore_errors=True)
+    table_rows = rows(results)
+    wall = time.monotonic() - started
+    lines = notes(results, skipped, args, run.errors) + ["", "targets (issue 5):", *targets(results, table_rows)]
+    lines.append(f"wall time {wall:.0f} s")
+    print()
+    print(table(env, table_rows, lines))
+    for side, text in results.get("profile", {}).get("pstats", {}).items():
+        print(f"\nprofile, sshmux bulk, {args.profile_channels} channel(s), {side} side (first to last byte):\n{text}")
+    if args.plot:
+        print(plot(args.plot, results))
+    if args.json:
+        Path(args.json).write_text(json.dumps(
+            {"environment": env, "wall_seconds": wall, "rows": table_rows, "results": results,
+             "skipped": skipped, "arguments": vars(args)}, indent=1))  # fmt: skip
+        print(f"JSON written to {args.json}")
+    return 1 if run.errors else 0

@@ -1,0 +1,3 @@
+from benchmarks.workloads import main
+
+main()

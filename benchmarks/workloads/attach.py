@@ -1,0 +1,108 @@
+"""attach: N worker sessions to a real Buildbot master, until all are ready.
+
+A real master (sqlite, ``sessions / 10`` builders of 10 workers) starts in
+this process; then one worker-side process runs every session:
+
+- plain: stock buildbot-worker ``Worker``s straight to the PB port;
+- sshmux: ``ssh-worker run`` (one SSH connection, a channel per session);
+- openssh: the same stock Workers to the local port of ``ssh -N -L`` through
+  a private sshd (one SSH connection; sshd dials the PB port per session).
+
+A launcher holds more sessions than the master's default ``max_channels``
+per connection only with that limit raised to N (the figures say so).
+
+Timed from starting that process until every worker is attached to its
+builder; then the master's open fds and RSS, the worker side's RSS, and how
+many connections a full accept queue turned away meanwhile (machine-wide).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any
+
+from benchmarks import common
+from buildbot_sshmux import testing as T
+from buildbot_sshmux.limits import ServerLimits
+
+HOST = "bench"
+PER_BUILDER = 10
+
+
+def master_config(site: T.Site, names: list[str], db_url: str) -> dict[str, Any]:
+    from buildbot.plugins import schedulers, steps, util, worker
+
+    config = T.master_config(["unused"], [HOST], site)
+    factory = util.BuildFactory([steps.ShellCommand(command=["true"])])
+    groups = [names[i : i + PER_BUILDER] for i in range(0, len(names), PER_BUILDER)]
+    config["workers"] = [worker.Worker(n, T.WORKER_PASSWORD.format(name=n)) for n in names]
+    config["builders"] = [
+        util.BuilderConfig(name=f"b{k:04d}", workernames=group, factory=factory) for k, group in enumerate(groups)
+    ]
+    config["schedulers"] = [schedulers.ForceScheduler(name="force", builderNames=[b.name for b in config["builders"]])]
+    config["db_url"] = db_url
+    max_channels = ServerLimits().max_channels
+    if len(names) > max_channels:
+        # One launcher runs every session: lift the per-connection channel cap.
+        from buildbot_sshmux import SSHMuxService
+
+        config["services"] = [
+            SSHMuxService(
+                port="tcp:0:interface=127.0.0.1",
+                host_keys=[str(site.host_key_path)],
+                authorized_hosts=str(site.authorized_hosts),
+                max_channels=len(names),
+            )
+        ]
+    return config
+
+
+async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> dict[str, Any]:
+    n = p["sessions"]
+    names = [f"w{i:04d}-{HOST}" for i in range(n)]
+    site = T.Site(root, [HOST])
+    master = await T.start_master(site.master_basedir, master_config(site, names, p["db_url"]), reactor)
+    if len(master.botmaster.builders) * PER_BUILDER < n:
+        raise RuntimeError(f"the master did not start; see {root / 'master.log'}")
+    pb_port = T.pb_port(master)
+    fds_before, rss_before = common.open_fds(), common.rss()
+    openssh = None
+    overflows = common.listen_overflows()
+    start = reactor.seconds()
+    if transport == "sshmux":
+        config = site.launcher_config(HOST, T.ssh_port(master), pb_port, names)
+        argv = [sys.executable, "-m", "buildbot_sshmux.cli.ssh_worker", "run", config]
+        workers = common.Child(reactor, argv, cwd=str(config.parent))
+    else:
+        port = pb_port
+        if transport == "openssh":
+            openssh = common.OpenSSH(reactor, root / "openssh", site.identities[HOST])
+            (port,) = await openssh.start([pb_port])
+            start = reactor.seconds()  # the tunnel is up before the workers start, as users run it
+        params = {"mode": "workers", "names": names, "port": port, "password": T.WORKER_PASSWORD,
+                  "basedir": str(root / "workers")}  # fmt: skip
+        workers = common.python_child(reactor, "benchmarks.loadgen", params)
+    ready = await common.wait_until(
+        reactor, lambda: len(T.ready_workers(master)) >= n or not workers.running, p["timeout"], interval=0.1
+    )
+    attached = len(T.ready_workers(master))
+    figures = {
+        "seconds": ready if attached >= n else None,
+        "attached": attached,
+        "waited": reactor.seconds() - start,
+        "master_fds_before": fds_before,
+        "master_fds": common.open_fds(),
+        "master_rss_before": rss_before,
+        "master_rss": common.rss(),
+        "worker_rss": common.rss(workers.pid) + (openssh.client_rss() if openssh else 0),
+        "connections": T.sshmux_service(master).connection_count,
+        "max_channels_raised": n > ServerLimits().max_channels,
+        "listen_overflows": common.listen_overflows() - overflows,
+    }
+    if not workers.running:
+        figures["error"] = f"the worker side exited {workers.exit_code}: {workers.text()[-2000:]}"
+    await workers.stop(grace=5)
+    if openssh is not None:
+        await openssh.stop()
+    return figures
