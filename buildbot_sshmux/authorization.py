@@ -7,10 +7,15 @@ from typing import Any
 from twisted.cred import error, portal
 from twisted.internet import defer
 from twisted.logger import Logger
+from twisted.spread import pb
 
 from buildbot_sshmux.authorized_hosts import HostEntry
 
 log = Logger()
+
+
+class ChannelClosedWhileAttaching(pb.Error):
+    """A login that completed after its channel had closed (nobody to answer)."""
 
 
 class HostPortal(portal.Portal):
@@ -47,7 +52,25 @@ class HostPortal(portal.Portal):
             self.worker_name = username
             return result
 
-        return d.addCallback(logged_in)
+        d.addCallback(logged_in)
+        return d.addCallback(self._logout_if_gone, mind, username)
+
+    def _logout_if_gone(self, result: Any, mind: Any, username: str) -> Any:
+        # Twisted PB registers the logout with the broker only once the login
+        # completes; if the channel closed meanwhile (the link cut while the
+        # worker attached) the logout would never run and Buildbot would keep
+        # the worker "connected" to a dead broker, refusing it ever after.
+        broker = getattr(mind, "broker", None)
+        if broker is None or not broker.disconnected:
+            return result
+        log.info(
+            "host {host}: the channel of worker {worker!r} closed while it attached; detaching it",
+            host=self.entry.name,
+            worker=username,
+        )
+        _interface, _avatar, logout = result
+        logout()
+        raise ChannelClosedWhileAttaching(f"worker {username!r}: the channel closed while it attached")
 
     def listCredentialsInterfaces(self) -> list[Any]:
         return self.wrapped.listCredentialsInterfaces()

@@ -94,8 +94,12 @@ class ConnectionBudget:
         self.pending += n
 
     def refund(self, n: int) -> None:
+        low_water = self.limits.connection_high_water // 2
+        was_above = self.pending > low_water
         self.pending -= n
-        if self._throttled and self.pending <= self.limits.connection_high_water // 2:
+        # Channels throttled by the budget wake when it drains below low water;
+        # a channel throttled by its own queue wakes from its own sends.
+        if was_above and self.pending <= low_water and self._throttled:
             for channel in list(self._throttled):
                 channel.update_throttle()
 

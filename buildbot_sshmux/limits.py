@@ -25,7 +25,7 @@ class ServerLimits:
     login_grace_time: float = 30.0
     max_startups: tuple[int, int, int] = (10, 30, 100)
     max_auth_tries: int = 6
-    max_channels: int = 1000
+    max_channels: int = 4096
     max_connections_per_host: int = 1
 
 
