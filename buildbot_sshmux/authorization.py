@@ -25,11 +25,12 @@ class HostPortal(portal.Portal):
     backs off and retries) before the master's checker sees the password.
     """
 
-    def __init__(self, wrapped: portal.Portal, entry: HostEntry) -> None:
+    def __init__(self, wrapped: portal.Portal, entry: HostEntry, peer: str = "") -> None:
         # A Portal subclass so that PB adapts it to IPBRoot; the checkers and
         # realm stay the wrapped (master's) portal's.
         self.wrapped = wrapped
         self.entry = entry
+        self.peer = peer  # "host:port" of the SSH connection, for the log
         self.worker_name: str | None = None
 
     def login(self, credentials: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
@@ -38,10 +39,11 @@ class HostPortal(portal.Portal):
             username = username.decode("utf-8", "replace")
         if not self.entry.may_attach(username):
             log.warn(
-                "host {host} ({fingerprint}) may not attach worker {worker!r}"
+                "host {host} ({fingerprint}){where} may not attach worker {worker!r}"
                 " (allowed: {allowed}); login refused",
                 host=self.entry.name,
                 fingerprint=self.entry.fingerprint,
+                where=f" from {self.peer}" if self.peer else "",
                 worker=username,
                 allowed=",".join(self.entry.workers),
             )

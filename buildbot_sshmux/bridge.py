@@ -135,7 +135,7 @@ class ProtocolChannel(SSHChannel):
         self.label = label
         self.disconnected = False
         self._call_soon = call_soon
-        self._chunks: deque[memoryview] = deque()
+        self._chunks: deque[memoryview | bytearray] = deque()
         self._pending = 0
         self._producer: IPushProducer | IPullProducer | None = None
         self._streaming = True
@@ -144,6 +144,8 @@ class ProtocolChannel(SSHChannel):
         self._throttled = False
         self._closing_cleanly = False
         self._peer_closed = False
+        self._delivering = False
+        self._lost_later: Failure | None = None
 
     @property
     def _budget(self) -> ConnectionBudget:
@@ -164,8 +166,15 @@ class ProtocolChannel(SSHChannel):
 
     def dataReceived(self, data: bytes) -> None:
         if not self.disconnected:
-            # Legacy log.msg() calls made by the protocol (Buildbot's) carry our label.
-            legacy_log.callWithContext({"system": self.label}, self.protocol.dataReceived, data)
+            self._delivering = True
+            try:
+                # Legacy log.msg() calls made by the protocol (Buildbot's) carry our label.
+                legacy_log.callWithContext({"system": self.label}, self.protocol.dataReceived, data)
+            finally:
+                self._delivering = False
+                lost, self._lost_later = self._lost_later, None
+                if lost is not None:
+                    self.protocol.connectionLost(lost)
 
     def extReceived(self, dataType: int, data: bytes) -> None:
         log.warn("{label}: ignored {n} bytes of extended data", label=self.label, n=len(data))
@@ -206,6 +215,11 @@ class ProtocolChannel(SSHChannel):
             return
         self.disconnected = True
         self._producer = None
+        if self._delivering:
+            # As over TCP, never re-entrantly: a protocol whose write (in its
+            # dataReceived) overflowed the channel hears it once that returns.
+            self._lost_later = reason
+            return
         self.protocol.connectionLost(reason)
 
     # ITransport
@@ -213,7 +227,18 @@ class ProtocolChannel(SSHChannel):
     def write(self, data: bytes) -> None:
         if self.disconnected or self.closing or not data:
             return
-        self._chunks.append(memoryview(bytes(data)))
+        tail = self._chunks[-1] if self._chunks else None
+        if len(data) < self.limits.max_packet:
+            # Small writes (PB sends one per message) share a buffer: thousands
+            # of tiny chunks would cost several times their bytes in objects.
+            if isinstance(tail, bytearray) and len(tail) < self.limits.max_packet:
+                tail += data
+            else:
+                if isinstance(tail, bytearray):  # full: keep its bytes, not its spare room
+                    self._chunks[-1] = memoryview(bytes(tail))
+                self._chunks.append(bytearray(data))
+        else:
+            self._chunks.append(memoryview(bytes(data)))
         self._pending += len(data)
         self._budget.charge(len(data))
         self.flush()
@@ -304,13 +329,16 @@ class ProtocolChannel(SSHChannel):
         """Send one packet's worth: the connection calls this round-robin."""
         chunk = self._chunks[0]
         n = min(len(chunk), self.remoteWindowLeft, self.remoteMaxPacket)
+        piece = chunk[:n]
         if n == len(chunk):
             self._chunks.popleft()
+        elif isinstance(chunk, bytearray):
+            del chunk[:n]  # O(1) at the front of a bytearray
         else:
             self._chunks[0] = chunk[n:]
         self.remoteWindowLeft -= n
         self._pending -= n
-        self.conn.sendData(self, chunk[:n])  # type: ignore[union-attr]
+        self.conn.sendData(self, piece)  # type: ignore[union-attr]
         self._budget.refund(n)
         if self.closing and not self._pending and not self.localClosed:
             self.conn.sendClose(self)  # type: ignore[union-attr]

@@ -175,7 +175,7 @@ class HostAvatar(ConchUser):
         address = ChannelAddress(
             "TCP", getattr(peer, "host", "?"), getattr(peer, "port", 0), ssh_host=self.entry.name
         )
-        host_portal = HostPortal(pb_portal, self.entry)
+        host_portal = HostPortal(pb_portal, self.entry, f"{address.host}:{address.port}")
         pb_factory = pb.PBServerFactory(host_portal, unsafeTracebacks=unsafe_tracebacks)
         protocol = pb_factory.buildProtocol(address)
         local = ChannelAddress("TCP", "127.0.0.1", pb_port, ssh_host=self.entry.name)

@@ -310,7 +310,9 @@ async def force_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list
         _bsid, by_builder = await master.data.updates.addBuildset(
             waited_for=False,
             builderids=[builderids[builder]],
-            sourcestamps=[{"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}],
+            sourcestamps=[
+                {"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}
+            ],
             properties={"worker_host": (host, "sshmux")},
         )
         brids += list(by_builder.values())
@@ -415,3 +417,22 @@ def open_fd_targets(pid: int | str = "self") -> list[str]:
         except OSError:  # closed meanwhile (e.g. the fd of os.listdir itself)
             continue
     return targets
+
+
+async def stop_master_within(master: Any, reactor: Any, timeout: float = 30.0) -> bool:
+    """`stop_master`, but give up after ``timeout`` seconds and still stop the database
+    threads (so that a test run whose master hangs can exit); True if it stopped cleanly."""
+    finished: defer.Deferred[Any] = defer.Deferred()
+    stopping = defer.ensureDeferred(stop_master(master))
+    stopping.addBoth(lambda result: None if finished.called else finished.callback(result))
+    timer = reactor.callLater(timeout, lambda: None if finished.called else finished.callback(False))
+    result = await finished
+    if timer.active():
+        timer.cancel()
+    if result is False:
+        await master.db.pool.stop()
+        compression = getattr(getattr(master.db, "logs", None), "_compression_pool", None)
+        if compression is not None:
+            compression.stop()
+        return False
+    return True

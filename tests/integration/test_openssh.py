@@ -240,7 +240,9 @@ class Base(unittest.TestCase):
         self.addCleanup(lambda: defer.ensureDeferred(child.stop()))
         return child
 
-    async def forward(self, port: int, identity: Path, targets: list[tuple[str, int]]) -> tuple[Child, list[int]]:
+    async def forward(
+        self, port: int, identity: Path, targets: list[tuple[str, int]]
+    ) -> tuple[Child, list[int]]:
         """``ssh -N -L 127.0.0.1:LOCAL:HOST:PORT ...``, once every local listener is up.
 
         Local ports come from binding port 0; should one be taken meanwhile,
@@ -309,7 +311,9 @@ class StockSSHClientTests(Base):
         attaching = self.logged(f"worker '{WORKER}' attaching from ChannelAddress(")
         self.assertEqual(len(attaching), 1, self.log_lines)
         self.assertIn(f"host='127.0.0.1', port={peer.port}, ssh_host='{HOST}'", attaching[0])
-        self.assertTrue(self.logged(f"host {HOST} (", f"from 127.0.0.1:{peer.port} connected"), self.log_lines)
+        self.assertTrue(
+            self.logged(f"host {HOST} (", f"from 127.0.0.1:{peer.port} connected"), self.log_lines
+        )
         self.assertFalse(
             [s for s in tcp_sockets() if s[4] == "01" and pb_port in (s[1], s[3])],
             "a TCP connection reached the PB port",
@@ -354,19 +358,25 @@ class StockSSHClientTests(Base):
         for (host, port), local in forwards.items():
             probe = Probe()
             await protocol.ClientCreator(reactor, lambda p=probe: p).connectTCP("127.0.0.1", local)
-            await T.wait_until(reactor, lambda p=probe: p.lost, 15, f"ssh to close the forward to {host}:{port}")
+            await T.wait_until(
+                reactor, lambda p=probe: p.lost, 15, f"ssh to close the forward to {host}:{port}"
+            )
             self.assertEqual(probe.data, b"")
             await ssh.wait_for(
                 f"open failed: administratively prohibited: buildbot-sshmux refuses a channel to {host}:{port}"
             )
             self.assertTrue(
-                self.logged(f"refused a channel to {host}:{port}", f"host {HOST} ({host_fp}) from 127.0.0.1:"),
+                self.logged(
+                    f"refused a channel to {host}:{port}", f"host {HOST} ({host_fp}) from 127.0.0.1:"
+                ),
                 self.log_lines,
             )
 
         self.assertEqual(decoy.count, 0)
         self.assertEqual(dialled, [("127.0.0.1", local) for local in forwards.values()])
-        self.assertFalse([s for s in tcp_sockets() if s[2] == "192.0.2.1"], "a socket to 192.0.2.1 was opened")
+        self.assertFalse(
+            [s for s in tcp_sockets() if s[2] == "192.0.2.1"], "a socket to 192.0.2.1 was opened"
+        )
         # Refusing channels leaves the connection up.
         self.assertTrue(ssh.running, ssh.text)
         self.assertEqual(sshmux.connection_count, 1)
@@ -377,7 +387,8 @@ class StockSSHClientTests(Base):
         self.assertNotEqual(code, 0, execd.text)
         self.assertIn("open failed: unknown channel type", execd.text)
         self.assertTrue(
-            self.logged("refused a 'session' channel", f"host {HOST} ({host_fp}) from 127.0.0.1:"), self.log_lines
+            self.logged("refused a 'session' channel", f"host {HOST} ({host_fp}) from 127.0.0.1:"),
+            self.log_lines,
         )
 
         # A remote forward (tcpip-forward global request) is refused too.
@@ -407,13 +418,15 @@ class StockSSHClientTests(Base):
             [SSH_KEYGEN, "-l", "-f", f"{stranger}.pub"], check=True, capture_output=True, text=True
         ).stdout.split()[1]
 
-        ssh = self.ssh(ssh_port, stranger, "-N", "-L", f"127.0.0.1:{free_port()}:localhost:{T.pb_port(master)}")
+        ssh = self.ssh(
+            ssh_port, stranger, "-N", "-L", f"127.0.0.1:{free_port()}:localhost:{T.pb_port(master)}"
+        )
         code = await ssh.exited()
         self.assertEqual(code, 255, ssh.text)
         self.assertIn("Permission denied (publickey)", ssh.text)
         self.assertFalse(authenticated(ssh.text), ssh.text)
         # ssh-keygen's fingerprint and the master's log agree.
-        self.assertTrue(self.logged(f"refused key {listed}: not in authorized_hosts"), self.log_lines)
+        self.assertTrue(self.logged(f"refused key {listed} from 127.0.0.1: not in authorized_hosts"), self.log_lines)
         await T.wait_until(reactor, lambda: T.sshmux_service(master).connection_count == 0, 10, "disconnect")
 
 
@@ -439,7 +452,9 @@ class StockSSHDTests(Base):
         sshd_dir = self.root / "sshd"
         sshd_dir.mkdir()
         host_key = sshd_dir / "ssh_host_ed25519_key"
-        subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "sshd", "-f", str(host_key)], check=True)
+        subprocess.run(
+            [SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-C", "sshd", "-f", str(host_key)], check=True
+        )
         authorized_keys = sshd_dir / "authorized_keys"
         shutil.copy(f"{self.site.identities[HOST]}.pub", authorized_keys)
         last = ""
@@ -508,7 +523,9 @@ class StockSSHDTests(Base):
         self.addCleanup(launcher.stop)
 
         try:
-            await T.wait_until(reactor, lambda: T.attached_workers(master) >= set(names), 60, "workers to attach")
+            await T.wait_until(
+                reactor, lambda: T.attached_workers(master) >= set(names), 60, "workers to attach"
+            )
         except TimeoutError:
             self.fail(f"workers did not attach\nlauncher:\n{launcher.output()}\nsshd:\n{sshd.text}")
         self.assertEqual(await T.run_builds(master, [(p, HOST) for p in projects]), [SUCCESS] * len(projects))
