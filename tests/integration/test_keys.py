@@ -146,7 +146,9 @@ class KeysTestCase(unittest.TestCase):
         return config
 
     async def start_master(self, projects: Sequence[str], hosts: Sequence[str], **kwargs: Any) -> Any:
-        master = await T.start_master(self.site.master_basedir, self.config(projects, hosts, **kwargs), reactor)
+        master = await T.start_master(
+            self.site.master_basedir, self.config(projects, hosts, **kwargs), reactor
+        )
         self.addCleanup(lambda: defer.ensureDeferred(T.stop_master(master)))
         self.master = master
         return master
@@ -176,7 +178,9 @@ class KeysTestCase(unittest.TestCase):
         elif pin is not None:
             text = text.replace(default_pin, f'host_key = "{pin}"')
         for name, password in (passwords or {}).items():
-            text = text.replace(f'password = "{T.WORKER_PASSWORD.format(name=name)}"', f'password = "{password}"')
+            text = text.replace(
+                f'password = "{T.WORKER_PASSWORD.format(name=name)}"', f'password = "{password}"'
+            )
         path.write_text(text)
         launcher = T.LauncherProcess(path)
         launcher.start()
@@ -240,7 +244,9 @@ class KeysTestCase(unittest.TestCase):
     def assertAlive(self, launcher: T.LauncherProcess) -> None:
         assert launcher.process is not None
         if launcher.process.poll() is not None:
-            self.fail(f"launcher {launcher.config} exited ({launcher.process.returncode})\n{self.diagnostics()}")
+            self.fail(
+                f"launcher {launcher.config} exited ({launcher.process.returncode})\n{self.diagnostics()}"
+            )
 
     async def assertBuildsGreen(self, requests: Sequence[tuple[str, str]]) -> None:
         results = await T.run_builds(self.master, requests)
@@ -255,9 +261,7 @@ class KeysTestCase(unittest.TestCase):
     def ssh_transports(self) -> dict[str, Any]:
         """The master's live SSH transports, by authenticated host name."""
         factory = T.sshmux_service(self.master).factory
-        return {
-            t.avatar.entry.name: t for t in factory.connections if getattr(t, "avatar", None) is not None
-        }
+        return {t.avatar.entry.name: t for t in factory.connections if getattr(t, "avatar", None) is not None}
 
 
 class HostMayRunOnlyItsWorkers(KeysTestCase):
@@ -346,9 +350,13 @@ class RevokeHost(KeysTestCase):
         detach_s = await self.wait_detached(a_names, timeout=15)
         await self.wait_for(lambda: "a" not in self.ssh_transports(), 15, "host a's SSH connection to close")
         disconnect_s = reactor.seconds() - revoked_at
-        figures("revocation", revoked_to_workers_detached_s=detach_s, revoked_to_connection_closed_s=disconnect_s)
+        figures(
+            "revocation", revoked_to_workers_detached_s=detach_s, revoked_to_connection_closed_s=disconnect_s
+        )
         self.assertLessEqual(detach_s, 5.0, f"host a's workers detached {detach_s:.2f}s after revocation")
-        self.assertLessEqual(disconnect_s, 5.0, f"host a's connection closed {disconnect_s:.2f}s after revocation")
+        self.assertLessEqual(
+            disconnect_s, 5.0, f"host a's connection closed {disconnect_s:.2f}s after revocation"
+        )
         fp = self.host_fp("a")
         self.assertTrue(self.log.matching("host a (", fp, "no longer authorized"), self.diagnostics())
 
@@ -394,7 +402,9 @@ class AddHostWithoutRestart(KeysTestCase):
         pid = launcher_c.process.pid
         fp = self.host_fp("c")
         await self.wait_for(lambda: bool(self.log.matching("refused key", fp)), 30, "host c to be refused")
-        await self.wait_for(lambda: "refused this host's key" in launcher_c.output(), 30, "c to see the refusal")
+        await self.wait_for(
+            lambda: "refused this host's key" in launcher_c.output(), 30, "c to see the refusal"
+        )
         self.assertFalse(set(c_names) & T.attached_workers(master))
 
         # The administrator authorizes c with the CLI; the running master applies it.
@@ -446,7 +456,9 @@ class NarrowWorkers(KeysTestCase):
         narrowed_s = await self.wait_detached([dropped], timeout=15)
         fp = self.host_fp("a")
         self.assertTrue(
-            self.log.matching("host a (", fp, f"may no longer attach worker {dropped!r}", "closing its session"),
+            self.log.matching(
+                "host a (", fp, f"may no longer attach worker {dropped!r}", "closing its session"
+            ),
             self.diagnostics(),
         )
         # Its retries are refused by the host's authorization.
@@ -477,7 +489,9 @@ class OldPinRefusesNewKey(KeysTestCase):
         names = names_for(PROJECTS, "a")
         launcher = self.launch("a", names)  # pinned to the site's (old) key
 
-        mismatch = re.compile(rf"host key of 127\.0\.0\.1:\d+ is {re.escape(new_fp)}, expected {re.escape(old_fp)}")
+        mismatch = re.compile(
+            rf"host key of 127\.0\.0\.1:\d+ is {re.escape(new_fp)}, expected {re.escape(old_fp)}"
+        )
 
         def mismatch_lines() -> list[str]:
             return [line for line in launcher.output().splitlines() if mismatch.search(line)]
@@ -525,7 +539,9 @@ class RotationTwoHostKeys(KeysTestCase):
         self.launch("a", ["proj-1-a"], pin=old_line)  # not moved yet: pins the old ed25519 key
         self.launch("b", ["proj-1-b"], pin=new_line)  # moved: pins the new ecdsa key
         self.launch("c", ["proj-1-c"], known_hosts=printed)  # known_hosts from the CLI (new key)
-        self.launch("d", ["proj-1-d"], known_hosts=hashed_known_hosts_line(f"[127.0.0.1]:{port}", new_line) + "\n")
+        self.launch(
+            "d", ["proj-1-d"], known_hosts=hashed_known_hosts_line(f"[127.0.0.1]:{port}", new_line) + "\n"
+        )
         names = names_for(["proj-1"], "a") + names_for(["proj-1"], "b") + names_for(["proj-1"], "c")
         names += names_for(["proj-1"], "d")
         attach_s = await self.wait_attached(names, timeout=60)
@@ -534,7 +550,12 @@ class RotationTwoHostKeys(KeysTestCase):
         negotiated = {h: t.keyAlg.decode() for h, t in self.ssh_transports().items()}
         self.assertEqual(
             negotiated,
-            {"a": "ssh-ed25519", "b": "ecdsa-sha2-nistp256", "c": "ecdsa-sha2-nistp256", "d": "ecdsa-sha2-nistp256"},
+            {
+                "a": "ssh-ed25519",
+                "b": "ecdsa-sha2-nistp256",
+                "c": "ecdsa-sha2-nistp256",
+                "d": "ecdsa-sha2-nistp256",
+            },
         )
         for launcher in self.launchers:
             self.assertNotIn("host key of", launcher.output())
@@ -564,7 +585,9 @@ class ReconfigInlineHosts(KeysTestCase):
         await self.wait_for(lambda: bool(self.log.matching("refused key", fp)), 30, "host c to be refused")
 
         # `buildbot reconfig` with master.cfg now listing c inline.
-        master.config_loader.config_dict = self.config(PROJECTS, ["a", "c"], inline_hosts=[self.host_line("c", "proj-*-c")])
+        master.config_loader.config_dict = self.config(
+            PROJECTS, ["a", "c"], inline_hosts=[self.host_line("c", "proj-*-c")]
+        )
         reconfig_at = reactor.seconds()
         await master.reconfig()
         self.assertTrue(self.log.matching("configuration update complete"), self.diagnostics())
@@ -580,4 +603,6 @@ class ReconfigInlineHosts(KeysTestCase):
         self.assertEqual(self.connections(a_names), a_kept, "host a is untouched by the reconfig")
         self.assertIs(self.ssh_transports()["a"], a_transport)
         self.assertAlive(launcher_c)
-        figures("reconfig inline hosts", reconfig_to_attached_s=reactor.seconds() - reconfig_at, attach_s=attach_s)
+        figures(
+            "reconfig inline hosts", reconfig_to_attached_s=reactor.seconds() - reconfig_at, attach_s=attach_s
+        )
