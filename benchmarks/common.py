@@ -157,7 +157,9 @@ class Child(protocol.ProcessProtocol):
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.exit_code: int | None = None
         self.pid = 0
-        reactor.spawnProcess(self, self.argv[0], self.argv, env=env if env is not None else python_env(), path=cwd)
+        reactor.spawnProcess(
+            self, self.argv[0], self.argv, env=env if env is not None else python_env(), path=cwd
+        )
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -190,7 +192,9 @@ class Child(protocol.ProcessProtocol):
         """The JSON object the child prints last, once it exits."""
         if await wait_until(self.reactor, lambda: not self.running, timeout) is None:
             await self.stop()
-            raise RuntimeError(f"{' '.join(self.argv[:4])}: timed out after {timeout:.0f}s:\n{self.text()[-3000:]}")
+            raise RuntimeError(
+                f"{' '.join(self.argv[:4])}: timed out after {timeout:.0f}s:\n{self.text()[-3000:]}"
+            )
         lines = self.out.decode().strip().splitlines()
         if self.exit_code != 0 or not lines:
             raise RuntimeError(f"{' '.join(self.argv[:4])} exited {self.exit_code}:\n{self.text()[-3000:]}")

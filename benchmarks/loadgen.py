@@ -217,7 +217,9 @@ def workers(reactor: Any, p: dict[str, Any]) -> None:
     for name in p["names"]:
         basedir = Path(p["basedir"], name)
         basedir.mkdir(parents=True, exist_ok=True)
-        Worker("127.0.0.1", p["port"], name, p["password"].format(name=name), str(basedir), 600).setServiceParent(top)
+        Worker(
+            "127.0.0.1", p["port"], name, p["password"].format(name=name), str(basedir), 600
+        ).setServiceParent(top)
     reactor.callWhenRunning(top.startService)
     reactor.run()
 

@@ -40,19 +40,32 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
     p.add_argument("--json", metavar="FILE", help="write every figure (and the table's rows) as JSON")
     p.add_argument("--plot", metavar="PNG", help="plot attach time and bulk throughput (needs matplotlib)")
-    p.add_argument("--workloads", default="bulk,fairness,memory,attach",
-                   help="comma-separated: bulk, fairness, memory, attach, profile (default: all but profile)")
-    p.add_argument("--transports", default=",".join(TRANSPORTS), help="comma-separated: plain, sshmux, openssh")
+    p.add_argument(
+        "--workloads",
+        default="bulk,fairness,memory,attach",
+        help="comma-separated: bulk, fairness, memory, attach, profile (default: all but profile)",
+    )
+    p.add_argument(
+        "--transports", default=",".join(TRANSPORTS), help="comma-separated: plain, sshmux, openssh"
+    )
     p.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
     p.add_argument("--bulk-mib", type=int, default=256, help="MiB sent per bulk run, split across channels")
     p.add_argument("--channels", default="1,10,100", help="bulk channel counts (default 1,10,100)")
-    p.add_argument("--profile-channels", type=int, default=1, help="channels of the profiled bulk run (default 1)")
+    p.add_argument(
+        "--profile-channels", type=int, default=1, help="channels of the profiled bulk run (default 1)"
+    )
     p.add_argument("--sessions", default="50,200,1000,2000", help="attach sizes (default 50,200,1000,2000)")
-    p.add_argument("--attach-reps-upto", type=int, default=200,
-                   help="attach sizes above this run once (default 200)")
-    p.add_argument("--attach-timeout", type=float, default=30.0, help="seconds to wait for all sessions (default 30)")
-    p.add_argument("--db-url", default="sqlite://",
-                   help="the attach master's database (default: sqlite in memory: disk syncs would hide the transport)")
+    p.add_argument(
+        "--attach-reps-upto", type=int, default=200, help="attach sizes above this run once (default 200)"
+    )
+    p.add_argument(
+        "--attach-timeout", type=float, default=30.0, help="seconds to wait for all sessions (default 30)"
+    )
+    p.add_argument(
+        "--db-url",
+        default="sqlite://",
+        help="the attach master's database (default: sqlite in memory: disk syncs would hide the transport)",
+    )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, keys, configs)")
     return p.parse_args(argv)
 
@@ -65,7 +78,9 @@ def environment() -> dict[str, Any]:
             return "?"
 
     try:
-        openssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False).stderr.split(",")[0]
+        openssh = subprocess.run(["ssh", "-V"], capture_output=True, text=True, check=False).stderr.split(
+            ","
+        )[0]
     except OSError:
         openssh = "absent"
     return {
@@ -121,7 +136,8 @@ class Runner:
 def run_bulk(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
     channels = [int(c) for c in args.channels.split(",")]
     return {
-        t: run("bulk", t, 600, channels=channels, bytes=args.bulk_mib * MiB, reps=args.reps) for t in transports
+        t: run("bulk", t, 600, channels=channels, bytes=args.bulk_mib * MiB, reps=args.reps)
+        for t in transports
     }
 
 
@@ -153,7 +169,9 @@ def run_attach(run: Runner, args: argparse.Namespace, transports: list[str]) -> 
         for t in transports:
             if t not in gave_up and attach_seconds(results[t][str(n)]) == INF:
                 gave_up[t] = n
-                print(f"    {TITLES[t]}: not all {n} sessions attached in {args.attach_timeout:g}s; no larger sizes")
+                print(
+                    f"    {TITLES[t]}: not all {n} sessions attached in {args.attach_timeout:g}s; no larger sizes"
+                )
     return results
 
 
@@ -209,7 +227,11 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
     bulk = {t: r for t, r in results.get("bulk", {}).items() if "runs" in r}
     for n in next(iter(bulk.values()), {}).get("runs", {}):
-        row(f"bulk, {n} ch, MB/s (aggregate)", "higher", {t: med(r["runs"][n], "mb_per_s") for t, r in bulk.items()})
+        row(
+            f"bulk, {n} ch, MB/s (aggregate)",
+            "higher",
+            {t: med(r["runs"][n], "mb_per_s") for t, r in bulk.items()},
+        )
     for side in ("master", "worker"):
         for n in next(iter(bulk.values()), {}).get("runs", {}):
             row(f"bulk, {n} ch, {side} CPU s/GB", "lower",
@@ -218,9 +240,21 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
     fair = {t: r["runs"] for t, r in results.get("fairness", {}).items() if "runs" in r}
     if fair:
         row("small PB call RTT, idle, p50 ms", "lower", {t: med(r, "idle_p50", 1e3) for t, r in fair.items()})
-        row("small call RTT, 10 bulk ch, p50 ms", "lower", {t: med(r, "busy_p50", 1e3) for t, r in fair.items()})
-        row("small call RTT, 10 bulk ch, p99 ms", "lower", {t: med(r, "busy_p99", 1e3) for t, r in fair.items()})
-        row("  bulk meanwhile, MB/s (aggregate)", "higher", {t: med(r, "bulk_mb_per_s") for t, r in fair.items()})
+        row(
+            "small call RTT, 10 bulk ch, p50 ms",
+            "lower",
+            {t: med(r, "busy_p50", 1e3) for t, r in fair.items()},
+        )
+        row(
+            "small call RTT, 10 bulk ch, p99 ms",
+            "lower",
+            {t: med(r, "busy_p99", 1e3) for t, r in fair.items()},
+        )
+        row(
+            "  bulk meanwhile, MB/s (aggregate)",
+            "higher",
+            {t: med(r, "bulk_mb_per_s") for t, r in fair.items()},
+        )
 
     mem = {t: [r for r in runs if "peak_growth" in r] for t, runs in results.get("memory", {}).items()}
     if any(mem.values()):
@@ -247,7 +281,11 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 cells[t] = seconds
         row(f"attach {n} sessions, s", "lower", cells)
         row(f"  master open fds after ({n})", "lower", {t: med(r, "master_fds") for t, r in runs.items()})
-        row(f"  master RSS after, MiB ({n})", "lower", {t: med(r, "master_rss", 1 / MiB) for t, r in runs.items()})
+        row(
+            f"  master RSS after, MiB ({n})",
+            "lower",
+            {t: med(r, "master_rss", 1 / MiB) for t, r in runs.items()},
+        )
         row(f"  worker side RSS/session, KiB ({n})", "lower",
             {t: median([f["worker_rss"] / 1024 / n for f in r]) for t, r in runs.items()})  # fmt: skip
     if len(sizes) >= 2:
@@ -311,7 +349,13 @@ def targets(results: dict[str, Any], table_rows: list[dict[str, Any]]) -> list[s
           20, False, " ms")  # fmt: skip
     attach = results.get("attach", {}).get("sshmux", {})
     if "2000" in attach:
-        check("2000 sessions all attached", by_name.get("attach 2000 sessions, s", {}).get("sshmux"), 15, False, " s")
+        check(
+            "2000 sessions all attached",
+            by_name.get("attach 2000 sessions, s", {}).get("sshmux"),
+            15,
+            False,
+            " s",
+        )
     added = {n: median([f["master_fds"] - f["master_fds_before"] - f["connections"] for f in runs if "master_fds" in f])
              for n, runs in attach.items()}  # fmt: skip
     if added:
@@ -323,11 +367,19 @@ def targets(results: dict[str, Any], table_rows: list[dict[str, Any]]) -> list[s
     mem = [r for r in results.get("memory", {}).get("sshmux", []) if "peak_growth" in r]
     if mem:
         worst = max(r["peak_growth"] for r in mem)
-        check("stalled peer: master peak RSS growth vs budget (worst run)", worst / mem[0]["budget"], 1.2, False, "x")
+        check(
+            "stalled peer: master peak RSS growth vs budget (worst run)",
+            worst / mem[0]["budget"],
+            1.2,
+            False,
+            "x",
+        )
     return checks
 
 
-def notes(results: dict[str, Any], skipped: dict[str, str], args: argparse.Namespace, errors: list[str]) -> list[str]:
+def notes(
+    results: dict[str, Any], skipped: dict[str, str], args: argparse.Namespace, errors: list[str]
+) -> list[str]:
     algorithms = {t: r.get("algorithms") for t, r in results.get("bulk", {}).items() if r.get("algorithms")}
     explain = {
         "bulk": f"bulk: {args.bulk_mib} MiB worker -> master per run, split over the channels; timed at the master,"
@@ -425,12 +477,18 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     table_rows = rows(results)
     wall = time.monotonic() - started
-    lines = notes(results, skipped, args, run.errors) + ["", "targets (issue 5):", *targets(results, table_rows)]
+    lines = notes(results, skipped, args, run.errors) + [
+        "",
+        "targets (issue 5):",
+        *targets(results, table_rows),
+    ]
     lines.append(f"wall time {wall:.0f} s")
     print()
     print(table(env, table_rows, lines))
     for side, text in results.get("profile", {}).get("pstats", {}).items():
-        print(f"\nprofile, sshmux bulk, {args.profile_channels} channel(s), {side} side (first to last byte):\n{text}")
+        print(
+            f"\nprofile, sshmux bulk, {args.profile_channels} channel(s), {side} side (first to last byte):\n{text}"
+        )
     if args.plot:
         print(plot(args.plot, results))
     if args.json:

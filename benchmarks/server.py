@@ -146,7 +146,9 @@ class BenchRealm(HostRealm):
 class BenchSSHFactory(SSHMuxFactory):
     """An `SSHMuxFactory` (default limits) letting one host key in, bridging to ``bench``."""
 
-    def __init__(self, reactor: Any, host_key: Any, client_key: Any, bench: BenchFactory, bench_port: int) -> None:
+    def __init__(
+        self, reactor: Any, host_key: Any, client_key: Any, bench: BenchFactory, bench_port: int
+    ) -> None:
         entry = HostEntry(name="bench", key=client_key.public())
         unused = portal.Portal(None)
         super().__init__([host_key], lambda: [entry], lambda: (bench_port, unused, False), reactor)
@@ -189,7 +191,8 @@ class DataServer:
         else:
             host_key = generate_ed25519()
             ssh = self.reactor.listenTCP(
-                0, BenchSSHFactory(self.reactor, host_key, load_private_key(identity), self.bench, port),
+                0,
+                BenchSSHFactory(self.reactor, host_key, load_private_key(identity), self.bench, port),
                 interface="127.0.0.1",
             )
             self.listening.append(ssh)

@@ -21,8 +21,8 @@ out and never lets anyone in.
 from __future__ import annotations
 
 import fnmatch
-import os
 import ipaddress
+import os
 from pathlib import Path
 
 from attrs import frozen
@@ -294,7 +294,9 @@ def add_entry(path: str | Path, line: str) -> None:
     _write_atomically(path, text + line + "\n")
 
 
-def remove_entries(path: str | Path, host: str | None = None, key_fingerprint: str | None = None) -> list[HostEntry]:
+def remove_entries(
+    path: str | Path, host: str | None = None, key_fingerprint: str | None = None
+) -> list[HostEntry]:
     """Remove the lines of a host (by name) or of a key (by fingerprint); return them."""
     path = Path(path)
     kept, removed = [], []

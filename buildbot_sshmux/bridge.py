@@ -23,7 +23,8 @@ place.
 from __future__ import annotations
 
 from collections import deque
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import frozen
 from twisted.conch.ssh import connection
@@ -125,9 +126,7 @@ class ProtocolChannel(SSHChannel):
         label: str = "",
         **kwargs: Any,
     ) -> None:
-        super().__init__(
-            localWindow=limits.window_size, localMaxPacket=limits.max_packet, **kwargs
-        )
+        super().__init__(localWindow=limits.window_size, localMaxPacket=limits.max_packet, **kwargs)
         self.protocol = protocol
         self.peer = peer
         self.host = host

@@ -10,8 +10,9 @@ connections when a master comes back.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any
 
 from attrs import frozen
 from twisted.application import service
@@ -257,9 +258,7 @@ class MasterLink(service.Service):
         self.liveness = liveness
         self.retry_delay = retry_delay or backoff()
         self.connect_timeout = connect_timeout
-        self.endpoint = endpoint or endpoints.HostnameEndpoint(
-            reactor, host, port, timeout=connect_timeout
-        )
+        self.endpoint = endpoint or endpoints.HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
         self.connection: MuxClientConnection | None = None
         self.refused = False
         self.mismatched_types: set[bytes] = set()
@@ -381,9 +380,7 @@ class _ClientChannel(ProtocolChannel):
 
     name = b"direct-tcpip"
 
-    def __init__(
-        self, factory: IProtocolFactory, opened: defer.Deferred[Any], **kwargs: Any
-    ) -> None:
+    def __init__(self, factory: IProtocolFactory, opened: defer.Deferred[Any], **kwargs: Any) -> None:
         super().__init__(None, **kwargs)  # type: ignore[arg-type]
         self.factory = factory
         self.opened = opened
@@ -423,7 +420,9 @@ class _ClientChannel(ProtocolChannel):
 class ChannelEndpoint:
     """Connects a protocol through a channel to ``target`` on a `MasterLink`."""
 
-    def __init__(self, link: MasterLink, target_port: int, label: str, target_host: str = "localhost") -> None:
+    def __init__(
+        self, link: MasterLink, target_port: int, label: str, target_host: str = "localhost"
+    ) -> None:
         self.link = link
         self.target = (target_host, target_port)
         self.label = label
@@ -455,12 +454,9 @@ class ChannelEndpoint:
                 conn=conn,
             )
             protocolFactory.doStart()
-            conn.openChannel(
-                channel, forwarding.packOpen_direct_tcpip(self.target, ("127.0.0.1", 0))
-            )
+            conn.openChannel(channel, forwarding.packOpen_direct_tcpip(self.target, ("127.0.0.1", 0)))
             return opened
 
         ready.addCallback(open_channel)
         ready.chainDeferred(result)
         return result
-

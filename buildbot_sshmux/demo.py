@@ -89,11 +89,21 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
         _say(f"{figures.green}/{figures.total} builds green in {figures.build_seconds:.1f}s")
         for launcher in launchers:
             launcher.stop()
-        await testing.wait_until(reactor, lambda: not testing.attached_workers(master), 30, "workers to detach")
+        await testing.wait_until(
+            reactor, lambda: not testing.attached_workers(master), 30, "workers to detach"
+        )
 
         _say(f"attaching the same {len(all_names)} workers over plain PB for comparison")
         plain = subprocess.Popen(
-            [sys.executable, "-m", "buildbot_sshmux.demo", "--plain-pb", str(pb_port), str(root / "plain"), *sorted(all_names)],
+            [
+                sys.executable,
+                "-m",
+                "buildbot_sshmux.demo",
+                "--plain-pb",
+                str(pb_port),
+                str(root / "plain"),
+                *sorted(all_names),
+            ],
             stdout=open(root / "plain-pb.log", "wb"),
             stderr=subprocess.STDOUT,
         )
@@ -106,7 +116,9 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
         finally:
             plain.terminate()
             plain.wait(15)
-        await testing.wait_until(reactor, lambda: not testing.attached_workers(master), 30, "workers to detach")
+        await testing.wait_until(
+            reactor, lambda: not testing.attached_workers(master), 30, "workers to detach"
+        )
     finally:
         for launcher in launchers:
             launcher.stop()
@@ -126,10 +138,16 @@ def _check_alive(launchers: list[Any]) -> bool:
 def summary(f: Figures) -> str:
     rows = [
         ("worker sessions", f"{f.sessions} ({f.sessions // max(f.hosts, 1)} projects x {f.hosts} hosts)"),
-        ("SSH connections at the master", f"{f.ssh_connections} (TCP on the SSH port: {f.tcp_on_ssh_port}, on the PB port: {f.tcp_on_pb_port_ssh})"),
+        (
+            "SSH connections at the master",
+            f"{f.ssh_connections} (TCP on the SSH port: {f.tcp_on_ssh_port}, on the PB port: {f.tcp_on_pb_port_ssh})",
+        ),
         ("master open fds, no workers", str(f.fds_baseline)),
         ("master open fds, sessions over SSH", f"{f.fds_ssh} (+{f.fds_ssh - f.fds_baseline})"),
-        ("master open fds, same workers over plain PB", f"{f.fds_plain} (+{f.fds_plain - f.fds_baseline}; TCP on the PB port: {f.tcp_on_pb_port_plain})"),
+        (
+            "master open fds, same workers over plain PB",
+            f"{f.fds_plain} (+{f.fds_plain - f.fds_baseline}; TCP on the PB port: {f.tcp_on_pb_port_plain})",
+        ),
         ("attach time over SSH", f"{f.attach_seconds:.1f}s"),
         ("builds green/total", f"{f.green}/{f.total} in {f.build_seconds:.1f}s"),
     ]
@@ -145,7 +163,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--keep", action="store_true", help="keep the temporary directory")
     args = p.parse_args(argv)
     projects = (PROJECTS * (args.projects // len(PROJECTS) + 1))[: args.projects]
-    projects = [f"{name}-{i // len(PROJECTS)}" if i >= len(PROJECTS) else name for i, name in enumerate(projects)]
+    projects = [
+        f"{name}-{i // len(PROJECTS)}" if i >= len(PROJECTS) else name for i, name in enumerate(projects)
+    ]
 
     from twisted.internet import defer, reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
@@ -189,7 +209,9 @@ def plain_pb_main(port: int, basedir: Path, names: list[str]) -> None:
     for name in names:
         workdir = basedir / name
         workdir.mkdir(parents=True, exist_ok=True)
-        Worker("127.0.0.1", port, name, WORKER_PASSWORD.format(name=name), str(workdir), 600).setServiceParent(top)
+        Worker(
+            "127.0.0.1", port, name, WORKER_PASSWORD.format(name=name), str(workdir), 600
+        ).setServiceParent(top)
     reactor.callWhenRunning(top.startService)
     reactor.addSystemEventTrigger("before", "shutdown", top.stopService)
     reactor.run()

@@ -49,9 +49,7 @@ def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = No
     try:
         key = keys.Key.fromString(data, passphrase=passphrase)
     except keys.EncryptedKeyError:
-        raise KeyFileError(
-            f"private key {path} is encrypted; give its passphrase to the launcher"
-        ) from None
+        raise KeyFileError(f"private key {path} is encrypted; give its passphrase to the launcher") from None
     except (keys.BadKeyError, ValueError) as e:
         raise KeyFileError(f"private key {path} is not a valid OpenSSH key ({e})") from None
     if key.isPublic():

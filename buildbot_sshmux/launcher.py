@@ -24,8 +24,7 @@ def _passphrase(master: MasterConfig) -> bytes | None:
             return master.identity_passphrase_file.read_bytes().rstrip(b"\r\n")
         except OSError as e:
             raise KeyFileError(
-                f"identity_passphrase_file {master.identity_passphrase_file} cannot be read"
-                f" ({e.strerror})"
+                f"identity_passphrase_file {master.identity_passphrase_file} cannot be read ({e.strerror})"
             ) from None
     value = os.environ.get(PASSPHRASE_ENV)
     return value.encode("utf-8") if value else None

@@ -118,11 +118,14 @@ def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
         _str(path, where, table, key)
     if not pins and not known_hosts:
         raise _fail(
-            path, where,
+            path,
+            where,
             "no host_key or known_hosts: pin the master's key (buildbot-sshmux init prints it)",
         )
     if "identity" not in table:
-        raise _fail(path, where, "identity (this host's private key) is missing; make one with: ssh-worker keygen")
+        raise _fail(
+            path, where, "identity (this host's private key) is missing; make one with: ssh-worker keygen"
+        )
     base = path.parent
     name = table.get("name", f"{host}:{port}")
     return MasterConfig(

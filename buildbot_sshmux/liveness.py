@@ -14,7 +14,8 @@ exchange stays small.
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from attrs import frozen
 from twisted.conch.error import ConchError

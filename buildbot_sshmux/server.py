@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-from typing import Any, Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from twisted.conch.avatar import ConchUser
 from twisted.conch.error import ConchError, ValidPublicKey
@@ -28,7 +29,7 @@ from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorTime
-from twisted.logger import LogLevel, Logger
+from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
@@ -46,6 +47,7 @@ log = Logger()
 _serials = itertools.count()
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
+
 
 def is_loopback(host: str) -> bool:
     """Whether a direct-tcpip target names this machine's loopback."""
@@ -146,7 +148,9 @@ class HostAvatar(ConchUser):
     ) -> ProtocolChannel:
         kind = channelType.decode("ascii", "replace")
         if channelType != b"direct-tcpip":
-            raise self.refuse(f"a {kind!r} channel (only direct-tcpip to the PB port)", OPEN_UNKNOWN_CHANNEL_TYPE)
+            raise self.refuse(
+                f"a {kind!r} channel (only direct-tcpip to the PB port)", OPEN_UNKNOWN_CHANNEL_TYPE
+            )
         try:
             (host, port), _origin = forwarding.unpackOpen_direct_tcpip(data)
         except Exception:
@@ -163,9 +167,7 @@ class HostAvatar(ConchUser):
         open_channels = len(self.pb_channels())
         limit = self.entry.max_channels
         if limit is not None and open_channels >= limit:
-            raise self.refuse(
-                f"a channel beyond its max-channels={limit}", OPEN_RESOURCE_SHORTAGE
-            )
+            raise self.refuse(f"a channel beyond its max-channels={limit}", OPEN_RESOURCE_SHORTAGE)
         if open_channels >= self.server.limits.max_channels:
             raise self.refuse(
                 f"a channel beyond max_channels={self.server.limits.max_channels} per connection",
@@ -209,8 +211,7 @@ class HostAvatar(ConchUser):
             worker = host_portal.worker_name
             if worker is not None and not entry.may_attach(worker):
                 log.warn(
-                    "{who} may no longer attach worker {worker!r} (workers={allowed});"
-                    " closing its session",
+                    "{who} may no longer attach worker {worker!r} (workers={allowed}); closing its session",
                     who=self.describe(),
                     worker=worker,
                     allowed=",".join(entry.workers),
@@ -447,4 +448,3 @@ class SSHMuxFactory(factory.SSHFactory):
                 )
             elif entry != avatar.entry:
                 avatar.update_entry(entry)
-

@@ -14,8 +14,9 @@ as SSH channels and are handed, in process, to the master's PB port.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 
 import attrs
 from buildbot import config
@@ -28,8 +29,8 @@ from twisted.logger import Logger
 
 from buildbot_sshmux import authorized_hosts
 from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.errors import KeyFileError
 from buildbot_sshmux.bridge import FlowLimits
+from buildbot_sshmux.errors import KeyFileError
 from buildbot_sshmux.keys import fingerprint, load_private_key
 from buildbot_sshmux.limits import ServerLimits, StartupGate
 from buildbot_sshmux.liveness import Liveness
@@ -53,15 +54,11 @@ def _load_host_keys(basedir: str, paths: Sequence[str]) -> list[keys.Key]:
     loaded = [load_private_key(_resolve(basedir, p)) for p in paths]
     types = [k.sshType() for k in loaded]
     if len(set(types)) != len(types):
-        raise KeyFileError(
-            "SSHMuxService: two host keys of the same type; SSH offers one key per type"
-        )
+        raise KeyFileError("SSHMuxService: two host keys of the same type; SSH offers one key per type")
     return loaded
 
 
-def _load_entries(
-    basedir: str, path: str | None, inline: Sequence[str]
-) -> tuple[list[HostEntry], list[str]]:
+def _load_entries(basedir: str, path: str | None, inline: Sequence[str]) -> tuple[list[HostEntry], list[str]]:
     entries, errors = authorized_hosts.parse_lines(list(inline), "SSHMuxService(hosts=...)")
     if path is not None:
         more, more_errors = authorized_hosts.load(_resolve(basedir, path))
@@ -75,9 +72,7 @@ def settings(**options: Any) -> tuple[FlowLimits, ServerLimits, Liveness]:
     groups: list[Any] = [FlowLimits, ServerLimits, Liveness]
     values: list[dict[str, Any]] = [{}, {}, {}]
     for name, value in options.items():
-        index = next(
-            (i for i, g in enumerate(groups) if name in attrs.fields_dict(g)), None
-        )
+        index = next((i for i, g in enumerate(groups) if name in attrs.fields_dict(g)), None)
         if index is None:
             raise ValueError(f"unknown argument {name!r}")
         if name == "max_startups":
@@ -122,9 +117,7 @@ class SSHMuxService(service.BuildbotService):
             config.error("SSHMuxService: host_keys must be a list of paths, not a string")
             return
         if not host_keys:
-            config.error(
-                "SSHMuxService: host_keys is empty; make one with: buildbot-sshmux init BASEDIR"
-            )
+            config.error("SSHMuxService: host_keys is empty; make one with: buildbot-sshmux init BASEDIR")
         if authorized_hosts is None and not hosts:
             config.error(
                 "SSHMuxService: no worker host may log in; set authorized_hosts='FILE' or hosts=[...]"
@@ -195,9 +188,7 @@ class SSHMuxService(service.BuildbotService):
         try:
             self._reload_hosts()
         except OSError as e:
-            config.error(
-                f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})"
-            )
+            config.error(f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})")
         listen_args = (str(port), tuple(fingerprint(k) for k in loaded_keys))
         if listen_args != self._listen_args or self.factory is None:
             yield self._stop_listening()
@@ -255,8 +246,7 @@ class SSHMuxService(service.BuildbotService):
         except OSError as e:
             if self._hosts_stamp is not None:
                 log.error(
-                    "authorized_hosts {path} cannot be read ({error}); keeping the entries"
-                    " loaded before",
+                    "authorized_hosts {path} cannot be read ({error}); keeping the entries loaded before",
                     path=self._hosts_file,
                     error=e.strerror,
                 )

@@ -10,7 +10,8 @@ stops or retries only its own session, and says so in the log.
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from buildbot_worker.pb import BotFactory, Worker
 from twisted.application.internet import ClientService
@@ -126,8 +127,7 @@ class WorkerSession(Worker):
     def _master_asked_shutdown(self) -> None:
         # Stock buildbot-worker stops the reactor, and so every other session.
         log.info(
-            "worker {worker}: the master asked this worker to shut down; stopping this"
-            " session only",
+            "worker {worker}: the master asked this worker to shut down; stopping this session only",
             worker=self.name,
         )
         self.stopped_by_master = True

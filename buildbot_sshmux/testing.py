@@ -11,8 +11,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from attrs import define, field
 from twisted.internet import defer, task
@@ -73,7 +74,13 @@ class Site:
         ]
         for name in workers:
             pw = password if password is not None else WORKER_PASSWORD.format(name=name)
-            lines += ["", "[[worker]]", f'name = "{name}"', f'password = "{pw}"', f'basedir = "workers/{name}"']
+            lines += [
+                "",
+                "[[worker]]",
+                f'name = "{name}"',
+                f'password = "{pw}"',
+                f'basedir = "workers/{name}"',
+            ]
         path = self.root / host / "ssh-worker.toml"
         path.write_text("\n".join(lines) + "\n")
         return path
@@ -224,7 +231,9 @@ async def run_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list[i
         _bsid, brids = await master.data.updates.addBuildset(
             waited_for=True,
             builderids=[builderids[builder]],
-            sourcestamps=[{"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}],
+            sourcestamps=[
+                {"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}
+            ],
             properties={"worker_host": (host, "sshmux")},
         )
         pending.append(brids)

@@ -40,7 +40,9 @@ def main() -> None:
     reactor.callWhenRunning(lambda: defer.ensureDeferred(go()).addBoth(done))
     reactor.run()
     if "error" in outcome:
-        sys.exit(f"{p['workload']} over {p['transport']} failed (log: {root / 'master.log'}):\n{outcome['error']}")
+        sys.exit(
+            f"{p['workload']} over {p['transport']} failed (log: {root / 'master.log'}):\n{outcome['error']}"
+        )
     print(json.dumps(outcome["figures"]))
 
 

@@ -38,9 +38,12 @@ def master_config(site: T.Site, names: list[str], db_url: str) -> dict[str, Any]
     groups = [names[i : i + PER_BUILDER] for i in range(0, len(names), PER_BUILDER)]
     config["workers"] = [worker.Worker(n, T.WORKER_PASSWORD.format(name=n)) for n in names]
     config["builders"] = [
-        util.BuilderConfig(name=f"b{k:04d}", workernames=group, factory=factory) for k, group in enumerate(groups)
+        util.BuilderConfig(name=f"b{k:04d}", workernames=group, factory=factory)
+        for k, group in enumerate(groups)
     ]
-    config["schedulers"] = [schedulers.ForceScheduler(name="force", builderNames=[b.name for b in config["builders"]])]
+    config["schedulers"] = [
+        schedulers.ForceScheduler(name="force", builderNames=[b.name for b in config["builders"]])
+    ]
     config["db_url"] = db_url
     max_channels = ServerLimits().max_channels
     if len(names) > max_channels:

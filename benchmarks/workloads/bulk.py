@@ -27,7 +27,12 @@ async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> di
                 sink = server.bench.sink = Sink(per_channel * n, profile and f"{profile}.master")
                 helpers = server.helper_cpu()
                 worker = await server.loadgen(
-                    {"mode": "bulk", "channels": n, "bytes": per_channel, "profile": profile and f"{profile}.worker"}
+                    {
+                        "mode": "bulk",
+                        "channels": n,
+                        "bytes": per_channel,
+                        "profile": profile and f"{profile}.worker",
+                    }
                 )
                 await sink.done
                 master_helper, worker_helper = (b - a for a, b in zip(helpers, server.helper_cpu()))

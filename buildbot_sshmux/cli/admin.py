@@ -92,14 +92,18 @@ def parser() -> argparse.ArgumentParser:
     init = sub.add_parser("init", help="make the master's SSH host key and authorized_hosts")
     init.add_argument("basedir", help="the Buildbot master's basedir")
     init.add_argument(
-        "--address", default="buildmaster.example.org:2222", help="HOST:PORT workers dial (for the known_hosts line)"
+        "--address",
+        default="buildmaster.example.org:2222",
+        help="HOST:PORT workers dial (for the known_hosts line)",
     )
     init.add_argument("--type", choices=["ed25519", "ecdsa", "rsa"], default="ed25519")
     init.set_defaults(func=cmd_init)
     hostkey = sub.add_parser("hostkey", help="print known_hosts lines of the master's host keys")
     hostkey.add_argument("basedir", help="the Buildbot master's basedir")
     hostkey.add_argument("--address", default="buildmaster.example.org:2222", help="HOST:PORT workers dial")
-    hostkey.add_argument("--key", action="append", default=[], help="a host key file (default: all in BASEDIR/sshmux)")
+    hostkey.add_argument(
+        "--key", action="append", default=[], help="a host key file (default: all in BASEDIR/sshmux)"
+    )
     hostkey.set_defaults(func=cmd_hostkey)
     hosts.add_parsers(sub)
     demo = sub.add_parser("demo", help="run the demo: a master, two worker hosts, builds", add_help=False)

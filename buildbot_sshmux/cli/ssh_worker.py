@@ -83,8 +83,8 @@ def cmd_init(args: argparse.Namespace) -> int:
     if ":" not in args.master:
         raise SSHMuxError("--master must be HOST:PORT, e.g. buildmaster.example.org:2222")
     workers = "".join(WORKER_TEMPLATE.format(name=n) for n in args.worker) or (
-        "\n# add one table per worker session:\n# [[worker]]\n# name = \"...\"\n"
-        "# password_file = \"passwords/...\"\n# basedir = \"workers/...\"\n"
+        '\n# add one table per worker session:\n# [[worker]]\n# name = "..."\n'
+        '# password_file = "passwords/..."\n# basedir = "workers/..."\n'
     )
     path.write_text(
         INIT_TEMPLATE.format(
@@ -115,9 +115,7 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every worker session of CONFIG.toml")
     run.add_argument("config", help="launcher configuration (TOML)")
-    run.add_argument(
-        "--stop-timeout", type=float, default=10.0, help="seconds to wait for a clean stop"
-    )
+    run.add_argument("--stop-timeout", type=float, default=10.0, help="seconds to wait for a clean stop")
     run.add_argument("--debug", action="store_true", help="log SSH protocol details too")
     run.set_defaults(func=cmd_run)
     keygen = sub.add_parser("keygen", help="make this host's SSH key (ed25519, mode 0600)")

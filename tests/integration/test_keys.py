@@ -25,8 +25,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 from buildbot.process.results import Results
 from twisted.cred.error import UnauthorizedLogin
@@ -335,7 +336,7 @@ class RevokeHost(KeysTestCase):
 
     async def _revoke(self) -> None:
         self.make_site(["a", "b"])
-        master = await self.start_master(PROJECTS, ["a", "b"])
+        await self.start_master(PROJECTS, ["a", "b"])
         a_names, b_names = names_for(PROJECTS, "a"), names_for(PROJECTS, "b")
         launcher_a = self.launch("a", a_names)
         launcher_b = self.launch("b", b_names)
@@ -443,7 +444,7 @@ class NarrowWorkers(KeysTestCase):
 
     async def _narrow(self) -> None:
         self.make_site(["a"])
-        master = await self.start_master(PROJECTS, ["a"])
+        await self.start_master(PROJECTS, ["a"])
         kept_name, dropped = "proj-1-a", "proj-2-a"
         launcher = self.launch("a", [kept_name, dropped])
         await self.wait_attached([kept_name, dropped])

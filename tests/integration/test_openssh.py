@@ -426,7 +426,9 @@ class StockSSHClientTests(Base):
         self.assertIn("Permission denied (publickey)", ssh.text)
         self.assertFalse(authenticated(ssh.text), ssh.text)
         # ssh-keygen's fingerprint and the master's log agree.
-        self.assertTrue(self.logged(f"refused key {listed} from 127.0.0.1: not in authorized_hosts"), self.log_lines)
+        self.assertTrue(
+            self.logged(f"refused key {listed} from 127.0.0.1: not in authorized_hosts"), self.log_lines
+        )
         await T.wait_until(reactor, lambda: T.sshmux_service(master).connection_count == 0, 10, "disconnect")
 
 
@@ -444,7 +446,7 @@ class StockSSHDTests(Base):
             try:
                 Path("/run/sshd").mkdir(mode=0o755, parents=True, exist_ok=True)
             except OSError as e:
-                raise unittest.SkipTest(f"sshd as root needs /run/sshd, which cannot be made ({e})")
+                raise unittest.SkipTest(f"sshd as root needs /run/sshd, which cannot be made ({e})") from e
         super().setUp()
 
     async def start_sshd(self, pb_port: int, user: str) -> tuple[Child, int, Path]:

@@ -8,7 +8,8 @@ them, and can hold back either direction to play a peer that stalls.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from twisted.conch.ssh import keys, userauth
 from twisted.cred import checkers, portal
@@ -471,7 +472,11 @@ def _scripted_auth_class() -> type:
             self.started = True
 
         def request(
-            self, method: bytes, data: bytes = b"", user: bytes = b"buildbot-worker", next: bytes = b"ssh-connection"
+            self,
+            method: bytes,
+            data: bytes = b"",
+            user: bytes = b"buildbot-worker",
+            next: bytes = b"ssh-connection",
         ) -> None:
             self.transport.sendPacket(userauth.MSG_USERAUTH_REQUEST, NS(user) + NS(next) + NS(method) + data)
 
@@ -482,7 +487,9 @@ def _scripted_auth_class() -> type:
         def publickey_signed(self, key: keys.Key, signer: keys.Key | None = None) -> None:
             """Log in with ``key``, the request signed by ``signer`` (default: ``key``)."""
             user, next = b"buildbot-worker", b"ssh-connection"
-            body = NS(user) + NS(next) + NS(b"publickey") + b"\x01" + NS(key.sshType()) + NS(key.public().blob())
+            body = (
+                NS(user) + NS(next) + NS(b"publickey") + b"\x01" + NS(key.sshType()) + NS(key.public().blob())
+            )
             sig_data = NS(self.transport.sessionID) + bytes((userauth.MSG_USERAUTH_REQUEST,)) + body
             signature = (signer or key).sign(sig_data)
             self.transport.sendPacket(userauth.MSG_USERAUTH_REQUEST, body + NS(signature))

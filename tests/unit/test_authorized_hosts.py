@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import base64
-from pathlib import Path
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -148,7 +147,9 @@ class ParseLinesTests(TestCase):
         ]
         entries, errors = parse_lines(lines, "/etc/sshmux/authorized_hosts")
         self.assertEqual([e.name for e in entries], ["one", "two"])
-        self.assertEqual([e.source for e in entries], ["/etc/sshmux/authorized_hosts:2", "/etc/sshmux/authorized_hosts:5"])
+        self.assertEqual(
+            [e.source for e in entries], ["/etc/sshmux/authorized_hosts:2", "/etc/sshmux/authorized_hosts:5"]
+        )
         self.assertEqual(len(errors), 3)
         self.assertTrue(errors[0].startswith("/etc/sshmux/authorized_hosts:3: "), errors[0])
         self.assertIn("frobnicate", errors[0])

@@ -85,7 +85,9 @@ class PullProducer:
 class ProbeAvatar(HostAvatar):
     """Answers every channel with a `ProtocolChannel` around a `Recorder`."""
 
-    def lookupChannel(self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes) -> ProtocolChannel:
+    def lookupChannel(
+        self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes
+    ) -> ProtocolChannel:
         channel = ProtocolChannel(
             Recorder(),
             peer=ChannelAddress("TCP", "198.51.100.7", 40123, ssh_host=self.entry.name),

@@ -109,7 +109,9 @@ plausible_kexinit = st.builds(
     lambda cookie, names, tail: bytes((20,)) + cookie + b"".join(NS(n) for n in names) + tail,
     st.binary(min_size=16, max_size=16),
     st.lists(
-        st.sampled_from([b"curve25519-sha256", b"ssh-ed25519", b"aes128-ctr", b"hmac-sha2-256", b"none", b"", b"x"]),
+        st.sampled_from(
+            [b"curve25519-sha256", b"ssh-ed25519", b"aes128-ctr", b"hmac-sha2-256", b"none", b"", b"x"]
+        ),
         min_size=0,
         max_size=12,
     ),
@@ -188,25 +190,65 @@ u32 = st.integers(0, 2**32 - 1)
 small_channel = st.integers(0, 3)
 request_names = st.one_of(
     st.sampled_from(
-        [b"shell", b"exec", b"pty-req", b"subsystem", b"env", b"x11-req", b"signal", b"window-change",
-         b"tcpip-forward", b"cancel-tcpip-forward", b"streamlocal-forward@openssh.com",
-         b"no-more-sessions@openssh.com", b"hostkeys-prove-00@openssh.com", KEEPALIVE_REQUEST]
+        [
+            b"shell",
+            b"exec",
+            b"pty-req",
+            b"subsystem",
+            b"env",
+            b"x11-req",
+            b"signal",
+            b"window-change",
+            b"tcpip-forward",
+            b"cancel-tcpip-forward",
+            b"streamlocal-forward@openssh.com",
+            b"no-more-sessions@openssh.com",
+            b"hostkeys-prove-00@openssh.com",
+            KEEPALIVE_REQUEST,
+        ]
     ),
     st.binary(max_size=20),
 )
 channel_types = st.one_of(
     st.sampled_from(
-        [b"session", b"x11", b"forwarded-tcpip", b"direct-tcpip", b"direct-streamlocal@openssh.com",
-         b"auth-agent@openssh.com", b"tun@openssh.com"]
+        [
+            b"session",
+            b"x11",
+            b"forwarded-tcpip",
+            b"direct-tcpip",
+            b"direct-streamlocal@openssh.com",
+            b"auth-agent@openssh.com",
+            b"tun@openssh.com",
+        ]
     ),
     st.binary(max_size=20),
 )
 hosts = st.one_of(
     st.sampled_from(
-        [b"localhost", b"LOCALHOST", b"127.0.0.1", b"127.9.8.7", b"::1", b"0:0:0:0:0:0:0:1", b"0.0.0.0",
-         b"::", b"10.0.0.1", b"192.0.2.10", b"example.org", b"localhost.example.org", b"ip6-localhost",
-         b"localhost.localdomain", b"127.0.0.1\x00", b" 127.0.0.1", b"::ffff:127.0.0.1", b"2130706433",
-         b"0x7f.1", b"127.1", b"\xff\xfe", b""]
+        [
+            b"localhost",
+            b"LOCALHOST",
+            b"127.0.0.1",
+            b"127.9.8.7",
+            b"::1",
+            b"0:0:0:0:0:0:0:1",
+            b"0.0.0.0",
+            b"::",
+            b"10.0.0.1",
+            b"192.0.2.10",
+            b"example.org",
+            b"localhost.example.org",
+            b"ip6-localhost",
+            b"localhost.localdomain",
+            b"127.0.0.1\x00",
+            b" 127.0.0.1",
+            b"::ffff:127.0.0.1",
+            b"2130706433",
+            b"0x7f.1",
+            b"127.1",
+            b"\xff\xfe",
+            b"",
+        ]
     ),
     st.binary(max_size=30),
     st.text(max_size=20).map(lambda t: t.encode("utf-8")),
@@ -217,13 +259,52 @@ ports = st.one_of(st.sampled_from([PB_PORT, 22, 0, 80, 2222, 65535, PB_PORT + 2*
 # plausible payload; channel numbers are mostly small so they hit real ones.
 connection_message = st.one_of(
     st.tuples(st.integers(80, 100), st.binary(max_size=64)),
-    st.tuples(st.integers(80, 100), st.builds(lambda c, rest: struct.pack(">L", c) + rest, small_channel, st.binary(max_size=64))),
-    st.tuples(st.just(MSG_GLOBAL_REQUEST), st.builds(lambda n, w, d: NS(n) + bytes((w,)) + d, request_names, st.integers(0, 1), st.binary(max_size=16))),
-    st.tuples(st.just(MSG_CHANNEL_OPEN), st.builds(lambda k, s, w, m, h, p: NS(k) + struct.pack(">3L", s, w, m) + direct_tcpip(h, p), channel_types, u32, u32, u32, hosts, ports)),
-    st.tuples(st.just(MSG_CHANNEL_REQUEST), st.builds(lambda c, n, w, d: struct.pack(">L", c) + NS(n) + bytes((w,)) + d, small_channel, request_names, st.integers(0, 1), st.binary(max_size=16))),
-    st.tuples(st.sampled_from([93, 94, 95]), st.builds(lambda c, n, d: struct.pack(">LL", c, n) + d, small_channel, u32, st.binary(max_size=32))),
+    st.tuples(
+        st.integers(80, 100),
+        st.builds(lambda c, rest: struct.pack(">L", c) + rest, small_channel, st.binary(max_size=64)),
+    ),
+    st.tuples(
+        st.just(MSG_GLOBAL_REQUEST),
+        st.builds(
+            lambda n, w, d: NS(n) + bytes((w,)) + d, request_names, st.integers(0, 1), st.binary(max_size=16)
+        ),
+    ),
+    st.tuples(
+        st.just(MSG_CHANNEL_OPEN),
+        st.builds(
+            lambda k, s, w, m, h, p: NS(k) + struct.pack(">3L", s, w, m) + direct_tcpip(h, p),
+            channel_types,
+            u32,
+            u32,
+            u32,
+            hosts,
+            ports,
+        ),
+    ),
+    st.tuples(
+        st.just(MSG_CHANNEL_REQUEST),
+        st.builds(
+            lambda c, n, w, d: struct.pack(">L", c) + NS(n) + bytes((w,)) + d,
+            small_channel,
+            request_names,
+            st.integers(0, 1),
+            st.binary(max_size=16),
+        ),
+    ),
+    st.tuples(
+        st.sampled_from([93, 94, 95]),
+        st.builds(lambda c, n, d: struct.pack(">LL", c, n) + d, small_channel, u32, st.binary(max_size=32)),
+    ),
     st.tuples(st.sampled_from([96, 97]), st.builds(lambda c: struct.pack(">L", c), small_channel)),
-    st.tuples(st.sampled_from([91, 92]), st.builds(lambda a, b, rest: struct.pack(">LL", a, b) + rest, small_channel, small_channel, st.binary(max_size=16))),
+    st.tuples(
+        st.sampled_from([91, 92]),
+        st.builds(
+            lambda a, b, rest: struct.pack(">LL", a, b) + rest,
+            small_channel,
+            small_channel,
+            st.binary(max_size=16),
+        ),
+    ),
 )
 
 
@@ -287,7 +368,8 @@ class AfterLoginTests(TestCase):
             # Still connected: it still serves a legitimate PB channel.
             before = len(client.conn.received)
             client.sendPacket(
-                MSG_CHANNEL_OPEN, channel_open(b"direct-tcpip", direct_tcpip(b"127.0.0.1", PB_PORT), sender=99)
+                MSG_CHANNEL_OPEN,
+                channel_open(b"direct-tcpip", direct_tcpip(b"127.0.0.1", PB_PORT), sender=99),
             )
             wire.flush()
             replies = [n for n, _p in client.conn.received[before:]]
@@ -313,7 +395,9 @@ def allowed(kind: bytes, host: bytes, port: int) -> bool:
 class RefusalTests(TestCase):
     def setUp(self) -> None:
         self.guard = OutboundGuard(self)
-        self.pair = tune(SSHPair(self), liveness=QUIET, limits=ServerLimits(max_auth_tries=100), mux_auth=True)
+        self.pair = tune(
+            SSHPair(self), liveness=QUIET, limits=ServerLimits(max_auth_tries=100), mux_auth=True
+        )
         self.client, self.server, self.wire = raw_login(self.pair.factory, self.pair.clock, HOST_KEY)
         self.sender = 0
 
@@ -326,10 +410,14 @@ class RefusalTests(TestCase):
 
     @FUZZ
     @given(kind=channel_types, host=hosts, port=ports)
-    def test_only_direct_tcpip_to_the_pb_port_on_loopback_opens(self, kind: bytes, host: bytes, port: int) -> None:
+    def test_only_direct_tcpip_to_the_pb_port_on_loopback_opens(
+        self, kind: bytes, host: bytes, port: int
+    ) -> None:
         self.sender += 1
         # An opened PB channel may carry PB's first bytes (94) after the confirmation.
-        [(reply, payload), *_pb] = self.send(MSG_CHANNEL_OPEN, channel_open(kind, direct_tcpip(host, port), self.sender))
+        [(reply, payload), *_pb] = self.send(
+            MSG_CHANNEL_OPEN, channel_open(kind, direct_tcpip(host, port), self.sender)
+        )
         if allowed(kind, host, port):
             self.assertEqual(reply, MSG_CHANNEL_OPEN_CONFIRMATION)
             local = struct.unpack(">L", payload[4:8])[0]
@@ -353,7 +441,9 @@ class RefusalTests(TestCase):
     @given(name=request_names, data=st.binary(max_size=32))
     def test_channel_requests_on_a_pb_channel_are_refused(self, name: bytes, data: bytes) -> None:
         self.sender += 1
-        [(reply, payload), *_pb] = self.send(MSG_CHANNEL_OPEN, channel_open(b"direct-tcpip", direct_tcpip(b"localhost", PB_PORT), self.sender))
+        [(reply, payload), *_pb] = self.send(
+            MSG_CHANNEL_OPEN, channel_open(b"direct-tcpip", direct_tcpip(b"localhost", PB_PORT), self.sender)
+        )
         self.assertEqual(reply, MSG_CHANNEL_OPEN_CONFIRMATION)
         local = struct.unpack(">L", payload[4:8])[0]
         replies = self.send(MSG_CHANNEL_REQUEST, struct.pack(">L", local) + NS(name) + b"\x01" + data)
@@ -372,9 +462,24 @@ class AuthMethodTests(TestCase):
         attempts=st.lists(
             st.one_of(
                 st.tuples(st.just(b"password"), st.builds(lambda p: b"\x00" + NS(p), st.binary(max_size=20))),
-                st.tuples(st.just(b"password"), st.builds(lambda o, n: b"\x01" + NS(o) + NS(n), st.binary(max_size=10), st.binary(max_size=10))),
-                st.tuples(st.just(b"keyboard-interactive"), st.builds(lambda l, s: NS(l) + NS(s), st.binary(max_size=5), st.sampled_from([b"", b"pam", b"bsdauth"]))),
-                st.tuples(st.sampled_from([b"hostbased", b"none", b"gssapi-with-mic", b"publickey"]), st.binary(max_size=40)),
+                st.tuples(
+                    st.just(b"password"),
+                    st.builds(
+                        lambda o, n: b"\x01" + NS(o) + NS(n), st.binary(max_size=10), st.binary(max_size=10)
+                    ),
+                ),
+                st.tuples(
+                    st.just(b"keyboard-interactive"),
+                    st.builds(
+                        lambda l, s: NS(l) + NS(s),
+                        st.binary(max_size=5),
+                        st.sampled_from([b"", b"pam", b"bsdauth"]),
+                    ),
+                ),
+                st.tuples(
+                    st.sampled_from([b"hostbased", b"none", b"gssapi-with-mic", b"publickey"]),
+                    st.binary(max_size=40),
+                ),
                 st.tuples(st.binary(max_size=20), st.binary(max_size=40)),
             ),
             min_size=1,
@@ -393,7 +498,9 @@ class AuthMethodTests(TestCase):
         self.assertFalse(server.authenticated)
         self.assertNotIn(userauth.MSG_USERAUTH_INFO_REQUEST, received, "keyboard-interactive was started")
         for payload in client.auth.replies(userauth.MSG_USERAUTH_FAILURE):
-            self.assertEqual(payload, NS(b"publickey") + b"\x00", "a method other than publickey was advertised")
+            self.assertEqual(
+                payload, NS(b"publickey") + b"\x00", "a method other than publickey was advertised"
+            )
         self.assertEqual(self.flushLoggedErrors(), [])
         wire.client_io.loseConnection()
         wire.flush()
@@ -474,10 +581,14 @@ class RegressionTests(TestCase):
         self.assertEqual(len(lost), 1, "the PB session was not told its channel is gone")
 
     def test_an_open_failure_the_master_never_asked_for(self) -> None:
-        self.answer_to_an_open_never_sent(MSG_CHANNEL_OPEN_FAILURE, struct.pack(">LL", 0, 0) + NS(b"") + NS(b""))
+        self.answer_to_an_open_never_sent(
+            MSG_CHANNEL_OPEN_FAILURE, struct.pack(">LL", 0, 0) + NS(b"") + NS(b"")
+        )
 
     def test_an_open_confirmation_the_master_never_asked_for(self) -> None:
-        self.answer_to_an_open_never_sent(MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">4L", 0, 5, 65536, 32768))
+        self.answer_to_an_open_never_sent(
+            MSG_CHANNEL_OPEN_CONFIRMATION, struct.pack(">4L", 0, 5, 65536, 32768)
+        )
 
     def test_an_unsolicited_global_reply_drops_only_that_peer(self) -> None:
         self.send(MSG_REQUEST_SUCCESS, b"")

@@ -285,7 +285,7 @@ class AddEntryTests(TestCase):
         self.assertEqual(self.path.read_text(encoding="utf-8").splitlines(), [f'host="b" {LINE_B}', line])
 
     def test_refuses_a_key_already_there_naming_its_host_and_file_line(self) -> None:
-        self.path.write_text(f"# hosts\nhost=\"old-name\",workers=\"x-*\" {LINE_A}\n", encoding="utf-8")
+        self.path.write_text(f'# hosts\nhost="old-name",workers="x-*" {LINE_A}\n', encoding="utf-8")
         before = self.path.read_text(encoding="utf-8")
         with self.assertRaises(LineError) as caught:
             add_entry(self.path, format_entry("new-name", KEY_A, ("y-*",)))

@@ -8,7 +8,6 @@ import os
 import shutil
 import stat
 import subprocess
-from pathlib import Path
 
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import rsa

@@ -10,8 +10,8 @@ import contextlib
 import io
 import stat
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 from unittest import mock
 
 from twisted.conch.ssh import keys
@@ -22,7 +22,13 @@ from buildbot_sshmux.authorized_hosts import load
 from buildbot_sshmux.cli import admin, ssh_worker
 from buildbot_sshmux.client import HostKeyPins
 from buildbot_sshmux.errors import ConfigError, KeyFileError
-from buildbot_sshmux.keys import fingerprint, generate_ed25519, load_private_key, public_line, write_private_key
+from buildbot_sshmux.keys import (
+    fingerprint,
+    generate_ed25519,
+    load_private_key,
+    public_line,
+    write_private_key,
+)
 
 from .tmpdirs import scratch_dir
 
@@ -227,7 +233,9 @@ class AuthorizeTests(MasterTestCase):
     def test_a_second_key_for_the_same_host(self) -> None:
         new = generate_ed25519()
         self.assertEqual(self.authorize("--host", "debian-sid", "--workers", "*", str(self.pub))[0], 0)
-        code, _out, err = self.authorize("--host", "debian-sid", "--workers", "*", "-", stdin=public_line(new))
+        code, _out, err = self.authorize(
+            "--host", "debian-sid", "--workers", "*", "-", stdin=public_line(new)
+        )
         self.assertEqual(code, 0, err)
         self.assertEqual([e.key for e in load(self.hosts)[0]], [self.key.public(), new.public()])
 

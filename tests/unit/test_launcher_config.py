@@ -65,7 +65,7 @@ class LauncherConfigTests(TestCase):
     def test_relative_paths_are_resolved_against_the_config_files_directory(self) -> None:
         (self.dir / "pw").write_text("from-a-file\n")
         config = self.load(
-            f"""
+            """
             [master]
             address = "m:22"
             known_hosts = "known_hosts"
@@ -97,7 +97,9 @@ class LauncherConfigTests(TestCase):
     def test_address_without_port_means_22_and_ipv6_brackets(self) -> None:
         config = self.load(ONE_MASTER.replace("buildmaster.example.org:2222", "buildmaster"))
         self.assertEqual((config.masters[0].host, config.masters[0].port), ("buildmaster", 22))
-        config2 = launcher_config.load(self._write_other(ONE_MASTER.replace("buildmaster.example.org:2222", "[::1]:2200")))
+        config2 = launcher_config.load(
+            self._write_other(ONE_MASTER.replace("buildmaster.example.org:2222", "[::1]:2200"))
+        )
         self.assertEqual((config2.masters[0].host, config2.masters[0].port), ("::1", 2200))
 
     def _write_other(self, text: str) -> Path:
@@ -167,7 +169,9 @@ class LauncherConfigTests(TestCase):
         self.assertConfigError(ONE_MASTER + 'password_file = "pw"\n', "libxml2-debian-sid", "not both")
 
     def test_neither_password_nor_password_file(self) -> None:
-        self.assertConfigError(ONE_MASTER.replace('password = "s3cret"\n', ""), "password or password_file is missing")
+        self.assertConfigError(
+            ONE_MASTER.replace('password = "s3cret"\n', ""), "password or password_file is missing"
+        )
 
     def test_unreadable_password_file(self) -> None:
         text = ONE_MASTER.replace('password = "s3cret"', 'password_file = "nope"')

@@ -87,7 +87,9 @@ class StartupGateTests(TestCase):
 
 
 def pair_with(testcase: TestCase, limits: ServerLimits, **kwargs: Any) -> SSHPair:
-    return tune(SSHPair(testcase, **kwargs), limits=limits, liveness=QUIET, client_liveness=QUIET, mux_auth=True)
+    return tune(
+        SSHPair(testcase, **kwargs), limits=limits, liveness=QUIET, client_liveness=QUIET, mux_auth=True
+    )
 
 
 class MaxStartupsTests(TestCase):
@@ -264,7 +266,9 @@ class MaxChannelsTests(TestCase):
 
     def open(self) -> ProbeChannel:
         channel = ProbeChannel(conn=self.conn)
-        self.conn.openChannel(channel, forwarding.packOpen_direct_tcpip(("localhost", PB_PORT), ("127.0.0.1", 1)))
+        self.conn.openChannel(
+            channel, forwarding.packOpen_direct_tcpip(("localhost", PB_PORT), ("127.0.0.1", 1))
+        )
         self.pair.flush()
         self.flushLoggedErrors(ConchError)
         return channel
@@ -381,7 +385,10 @@ class SettingsTests(TestCase):
         self.assertEqual(
             limits,
             ServerLimits(
-                login_grace_time=5, max_startups=(3, 50, 9), max_auth_tries=2, max_channels=10,
+                login_grace_time=5,
+                max_startups=(3, 50, 9),
+                max_auth_tries=2,
+                max_channels=10,
                 max_connections_per_host=2,
             ),
         )
@@ -395,7 +402,9 @@ class SettingsTests(TestCase):
 
     def test_zero_disables_what_can_be_disabled(self) -> None:
         _flow, _limits, liveness = settings(keepalive_interval=0, rekey_bytes=0, rekey_interval=0)
-        self.assertEqual((liveness.keepalive_interval, liveness.rekey_bytes, liveness.rekey_interval), (0, 0, 0))
+        self.assertEqual(
+            (liveness.keepalive_interval, liveness.rekey_bytes, liveness.rekey_interval), (0, 0, 0)
+        )
 
     def test_unknown_argument(self) -> None:
         self.assertBad("unknown argument 'bogus_limit'", bogus_limit=1)

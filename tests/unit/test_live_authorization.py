@@ -170,7 +170,11 @@ class CheckerFromTests(TestCase):
         sig_data = b"session-id and userauth request"
         signature = HOST_KEY.sign(sig_data) if signed else None
         return credentials.SSHPrivateKey(
-            b"buildbot-worker", b"ssh-ed25519", HOST_KEY.public().blob(), sig_data if signed else None, signature
+            b"buildbot-worker",
+            b"ssh-ed25519",
+            HOST_KEY.public().blob(),
+            sig_data if signed else None,
+            signature,
         )
 
     def test_query_from_outside_is_refused_and_logged(self) -> None:

@@ -263,7 +263,9 @@ class RekeyTests(TestCase):
 
     def test_volume_starts_a_rekey_and_data_flows_intact(self) -> None:
         self.pair = pair = tune(
-            SSHPair(self), liveness=NO_KEEPALIVE, client_liveness=Liveness(keepalive_interval=0, rekey_bytes=64 * 1024, rekey_interval=0)
+            SSHPair(self),
+            liveness=NO_KEEPALIVE,
+            client_liveness=Liveness(keepalive_interval=0, rekey_bytes=64 * 1024, rekey_interval=0),
         )
         pair.start()
         server = pair.server
@@ -286,7 +288,8 @@ class RekeyTests(TestCase):
 
     def test_volume_rekey_started_by_the_master(self) -> None:
         self.pair = pair = tune(
-            SSHPair(self), liveness=Liveness(keepalive_interval=0, rekey_bytes=64 * 1024, rekey_interval=0),
+            SSHPair(self),
+            liveness=Liveness(keepalive_interval=0, rekey_bytes=64 * 1024, rekey_interval=0),
             client_liveness=NO_KEEPALIVE,
         )
         pair.start()
@@ -367,7 +370,9 @@ class RekeyTests(TestCase):
                 in_kex = t._keyExchangeState != NONE
                 states.add((name, in_kex))
                 self.assertEqual(budgets[name].rekeying, in_kex, f"{name}: rekeying flag out of step")
-                self.assertLess(blocked_bytes(t), 4096, f"{name}: {blocked_bytes(t)} bytes blocked by the kex")
+                self.assertLess(
+                    blocked_bytes(t), 4096, f"{name}: {blocked_bytes(t)} bytes blocked by the kex"
+                )
             if not pair.wire.pump():
                 break
         self.assertIn(("master", True), states, "the master never took part in the exchange")
@@ -382,7 +387,8 @@ class RekeyTests(TestCase):
         # be what crosses rekey_bytes: that must not start a second exchange.
         limit = 64 * 1024
         self.pair = pair = tune(
-            SSHPair(self), liveness=NO_KEEPALIVE,
+            SSHPair(self),
+            liveness=NO_KEEPALIVE,
             client_liveness=Liveness(keepalive_interval=0, rekey_bytes=limit, rekey_interval=0),
         )
         pair.start()
@@ -402,7 +408,8 @@ class RekeyTests(TestCase):
     def test_peer_started_rekey_when_our_kexinit_reaches_the_volume(self) -> None:
         limit = 64 * 1024
         self.pair = pair = tune(
-            SSHPair(self), liveness=Liveness(keepalive_interval=0, rekey_bytes=limit, rekey_interval=0),
+            SSHPair(self),
+            liveness=Liveness(keepalive_interval=0, rekey_bytes=limit, rekey_interval=0),
             client_liveness=NO_KEEPALIVE,
         )
         pair.start()
@@ -439,7 +446,8 @@ class RekeyTests(TestCase):
         # channels must stay held for it.
         limit = 64 * 1024
         self.pair = pair = tune(
-            SSHPair(self), liveness=NO_KEEPALIVE,
+            SSHPair(self),
+            liveness=NO_KEEPALIVE,
             client_liveness=Liveness(keepalive_interval=0, rekey_bytes=limit, rekey_interval=0),
         )
         pair.start()
@@ -487,7 +495,9 @@ class CountMaxZeroTests(TestCase):
                 return Deferred()  # never answered
 
         clock, conn = Clock(), Silent()
-        keepalive = Keepalive(conn, clock, Liveness(keepalive_interval=5, keepalive_count_max=0), lambda: "peer")
+        keepalive = Keepalive(
+            conn, clock, Liveness(keepalive_interval=5, keepalive_count_max=0), lambda: "peer"
+        )
         keepalive.start()
         clock.pump([5] * 20)
         self.assertEqual(conn.sent, 20)

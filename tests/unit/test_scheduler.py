@@ -40,7 +40,13 @@ def make_connection() -> tuple[FlowControlledConnection, PacketLog]:
 
 def open_channel(conn: FlowControlledConnection, number: int, window: int = 10**6) -> ProtocolChannel:
     channel = ProtocolChannel(
-        Protocol(), peer=ADDRESS, host=ADDRESS, limits=LIMITS, remoteWindow=window, remoteMaxPacket=1000, conn=conn
+        Protocol(),
+        peer=ADDRESS,
+        host=ADDRESS,
+        limits=LIMITS,
+        remoteWindow=window,
+        remoteMaxPacket=1000,
+        conn=conn,
     )
     channel.id = number
     conn.channels[number] = channel

@@ -140,9 +140,7 @@ class HandshakeTests(TestCase):
     def test_pinned_key_passes_verify_host_key(self) -> None:
         pair = SSHPair(self)
         client = MuxClientTransport(pair.link)
-        self.assertTrue(
-            self.successResultOf(client.verifyHostKey(MASTER_KEY.public().blob(), b"ignored"))
-        )
+        self.assertTrue(self.successResultOf(client.verifyHostKey(MASTER_KEY.public().blob(), b"ignored")))
 
     def test_unknown_client_key_is_refused(self) -> None:
         logs = LogCapture(self)
@@ -376,9 +374,7 @@ class HostPortalTests(TestCase):
         self.assertEqual(self.checker.asked, [b"gtk-debian-sid"])
 
     def test_credentials_interfaces_are_the_wrapped_portals(self) -> None:
-        self.assertEqual(
-            self.portal.listCredentialsInterfaces(), self.wrapped.listCredentialsInterfaces()
-        )
+        self.assertEqual(self.portal.listCredentialsInterfaces(), self.wrapped.listCredentialsInterfaces())
 
 
 class HelperTests(TestCase):

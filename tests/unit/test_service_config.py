@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from buildbot.config.errors import capture_config_errors
 from twisted.trial import unittest
@@ -28,9 +27,7 @@ class CheckConfigTests(unittest.TestCase):
         self.hosts.write_text(public_line(generate_ed25519(), "hosta") + "\n")
 
     def test_good_config_has_no_errors(self) -> None:
-        self.assertEqual(
-            config_errors(host_keys=[str(self.host_key)], authorized_hosts=str(self.hosts)), []
-        )
+        self.assertEqual(config_errors(host_keys=[str(self.host_key)], authorized_hosts=str(self.hosts)), [])
 
     def test_missing_host_key(self) -> None:
         errors = config_errors(host_keys=[str(self.dir / "nope")], authorized_hosts=str(self.hosts))

@@ -23,7 +23,9 @@ from buildbot_sshmux.keys import fingerprint, generate, load_private_key, public
 
 from .tmpdirs import scratch_dir
 
-SSH_KEYGEN = "/usr/bin/ssh-keygen" if os.access("/usr/bin/ssh-keygen", os.X_OK) else shutil.which("ssh-keygen")
+SSH_KEYGEN = (
+    "/usr/bin/ssh-keygen" if os.access("/usr/bin/ssh-keygen", os.X_OK) else shutil.which("ssh-keygen")
+)
 SKIP_REASON = "ssh-keygen (OpenSSH) is not installed: interop with OpenSSH's key formats cannot be checked"
 PASSPHRASE = "correct horse battery"  # ssh-keygen wants at least 5 characters
 MASTER_ED25519, MASTER_RSA, OTHER_ED25519 = generate("ed25519"), generate("rsa"), generate("ed25519")
@@ -237,7 +239,9 @@ class PreferredAlgorithmsTests(TestCase):
 
     def test_ecdsa_and_ed25519_pins(self) -> None:
         ecdsa, ed25519 = self.keygen_pub("ecdsa"), self.keygen_pub("ed25519")
-        self.assertEqual(HostKeyPins.from_config([ecdsa]).preferred_algorithms("m", 22), [b"ecdsa-sha2-nistp256"])
+        self.assertEqual(
+            HostKeyPins.from_config([ecdsa]).preferred_algorithms("m", 22), [b"ecdsa-sha2-nistp256"]
+        )
         self.assertEqual(
             HostKeyPins.from_config([ed25519, ecdsa, ed25519]).preferred_algorithms("m", 22),
             [b"ssh-ed25519", b"ecdsa-sha2-nistp256"],
