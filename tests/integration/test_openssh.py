@@ -232,6 +232,7 @@ class Base(unittest.TestCase):
             "-o", "ExitOnForwardFailure=yes",
             "-i", str(identity),
             "-p", str(port),
+            *getattr(self, "_extra_options", []),
             *args,
             "127.0.0.1",
             *command,
@@ -239,6 +240,16 @@ class Base(unittest.TestCase):
         child = Child(argv).start()
         self.addCleanup(lambda: defer.ensureDeferred(child.stop()))
         return child
+
+    async def forward_with(
+        self, port: int, options: list[str], targets: list[tuple[str, int]]
+    ) -> tuple[Child, list[int]]:
+        """`forward` with extra ``-o`` options for ssh."""
+        self._extra_options = options
+        try:
+            return await self.forward(port, self.site.identities[HOST], targets)
+        finally:
+            self._extra_options = []
 
     async def forward(
         self, port: int, identity: Path, targets: list[tuple[str, int]]
@@ -320,6 +331,60 @@ class StockSSHClientTests(Base):
         )
         self.assertTrue(ssh.running, ssh.text)
         self.assertEqual(stops, [], "buildbot-worker called reactor.stop()")
+
+    def test_keepalive_and_rekey_with_stock_ssh(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._keepalive_and_rekey())
+
+    async def _keepalive_and_rekey(self) -> None:
+        """Our keepalives and rekeys against ssh's ServerAlive* and RekeyLimit, both ways."""
+        from buildbot_worker.bot import Worker
+        from twisted.internet import task
+
+        from buildbot_sshmux.service import SSHMuxService
+
+        self.patch(reactor, "stop", lambda *a: None)
+        self.site = T.Site(self.root, [HOST])
+        config = T.master_config([PROJECT], [HOST], self.site, command=["sh", "-c", "seq 1 40000"])
+        config["services"] = [
+            SSHMuxService(
+                port="tcp:0:interface=127.0.0.1",
+                host_keys=[str(self.site.host_key_path)],
+                authorized_hosts=str(self.site.authorized_hosts),
+                keepalive_interval=1,
+                keepalive_count_max=2,
+                rekey_bytes=64 * 1024,
+            )
+        ]
+        master = await T.start_master(self.site.master_basedir, config, reactor)
+        self.addCleanup(lambda: defer.ensureDeferred(T.stop_master(master)))
+        sshmux = T.sshmux_service(master)
+        ssh_port, pb_port = T.ssh_port(master), T.pb_port(master)
+        # ssh rekeys every 2 s (it starts the exchanges in the quiet phase below),
+        # the master every 64 KiB (during the builds).
+        alive = ["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2", "-o", "RekeyLimit=1G 2"]
+        ssh, (local,) = await self.forward_with(ssh_port, alive, [("localhost", pb_port)])
+
+        basedir = self.root / "worker" / WORKER
+        basedir.mkdir(parents=True)
+        worker = Worker("127.0.0.1", local, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0)
+        worker.startService()
+        self.addCleanup(worker.stopService)
+        await T.wait_until(reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach")
+        results = await T.run_builds(master, [(PROJECT, HOST), (PROJECT, HOST)])
+        self.assertEqual(results, [SUCCESS, SUCCESS])
+
+        (transport,) = sshmux.factory.connections
+        self.assertGreaterEqual(transport.rekeys, 1, "the master started no key re-exchange")
+        kexinits = ssh.text.count("SSH2_MSG_KEXINIT received")
+        self.assertGreaterEqual(kexinits, 2, ssh.text[-3000:])
+        # Quiet for four keepalive intervals: each side answers the other's,
+        # and ssh starts its time-based re-exchanges.
+        await task.deferLater(reactor, 4.5, lambda: None)
+        self.assertGreater(ssh.text.count("SSH2_MSG_KEXINIT received"), kexinits, ssh.text[-3000:])
+        self.assertTrue(ssh.running, ssh.text[-3000:])
+        self.assertEqual(sshmux.connection_count, 1)
+        self.assertEqual(self.logged("no answer to"), [])
+        self.assertIn(WORKER, T.attached_workers(master))
 
     def test_stock_ssh_refused_targets(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._refused_targets())
