@@ -122,7 +122,7 @@ class WorkerSession(Worker):
     @property
     def attached(self) -> bool:
         """Whether this session is logged in to the master now."""
-        return self.bf.perspective is not None and self.bf.perspective.broker.connected
+        return self.bf.perspective is not None and not self.bf.perspective.broker.disconnected
 
     def _master_asked_shutdown(self) -> None:
         # Stock buildbot-worker stops the reactor, and so every other session.
