@@ -256,8 +256,8 @@ def open_fds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def established_tcp(local_port: int) -> int:
-    """Established TCP connections whose local port is ``local_port`` (this machine)."""
+def _established(port: int, column: int) -> int:
+    """Established TCP connections (this machine) whose address in ``column`` has ``port``."""
     count = 0
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -266,10 +266,14 @@ def established_tcp(local_port: int) -> int:
             continue
         for row in rows:
             fields = row.split()
-            port = int(fields[1].rsplit(":", 1)[1], 16)
-            if port == local_port and fields[3] == "01":
+            if int(fields[column].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
                 count += 1
     return count
+
+
+def established_tcp(local_port: int) -> int:
+    """Established TCP connections whose local port is ``local_port`` (the listening side)."""
+    return _established(local_port, 1)
 
 
 class LauncherProcess:
@@ -402,18 +406,7 @@ class LogCapture:
 
 def established_tcp_to(remote_port: int) -> int:
     """Established TCP connections whose remote port is ``remote_port`` (the dialling side)."""
-    count = 0
-    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
-        try:
-            rows = Path(table).read_text().splitlines()[1:]
-        except OSError:
-            continue
-        for row in rows:
-            fields = row.split()
-            port = int(fields[2].rsplit(":", 1)[1], 16)
-            if port == remote_port and fields[3] == "01":
-                count += 1
-    return count
+    return _established(remote_port, 2)
 
 
 def open_fd_targets(pid: int | str = "self") -> list[str]:
