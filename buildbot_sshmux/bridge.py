@@ -143,6 +143,7 @@ class ProtocolChannel(SSHChannel):
         self._throttled = False
         self._closing_cleanly = False
         self._peer_closed = False
+        self.host_portal: Any = None  # the master side's HostPortal, set by HostAvatar
         self._delivering = False
         self._lost_later: Failure | None = None
 
@@ -274,13 +275,13 @@ class ProtocolChannel(SSHChannel):
 
     def setTcpKeepAlive(self, enabled: int) -> None:
         """Forwarded to the SSH connection's socket (Buildbot calls it)."""
-        tcp = getattr(self.conn.transport, "transport", None)  # type: ignore[union-attr]
+        tcp: Any = getattr(self.conn.transport, "transport", None)  # type: ignore[union-attr]
         if hasattr(tcp, "setTcpKeepAlive"):
             tcp.setTcpKeepAlive(enabled)
 
     def getTcpKeepAlive(self) -> int:
-        tcp = getattr(self.conn.transport, "transport", None)  # type: ignore[union-attr]
-        return tcp.getTcpKeepAlive() if hasattr(tcp, "getTcpKeepAlive") else 0
+        tcp: Any = getattr(self.conn.transport, "transport", None)  # type: ignore[union-attr]
+        return int(tcp.getTcpKeepAlive()) if hasattr(tcp, "getTcpKeepAlive") else 0
 
     # IConsumer: the protocol's producer
 

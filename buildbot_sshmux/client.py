@@ -220,7 +220,7 @@ class MuxClientTransport(DropMalformed, RekeyingTransport, transport.SSHClientTr
         self._secured = True
         self.requestService(MuxUserAuthClient(self.link, MuxClientConnection(self.link)))
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Any = None) -> None:
         self.stop_rekey_timer()
         super().connectionLost(reason)
         self.link.transport_lost(self, reason)
@@ -289,8 +289,14 @@ class MasterLink(service.Service):
             waiter.cancel()
         if self._transport is not None:
             done: defer.Deferred[None] = defer.Deferred()
-            self._on_transport_lost = lambda: done.called or done.callback(None)
-            self._transport.transport.loseConnection()
+
+            def lost() -> None:
+                if not done.called:
+                    done.callback(None)
+
+            self._on_transport_lost = lost
+            tcp: Any = self._transport.transport
+            tcp.loseConnection()
             return done
         return defer.succeed(None)
 
@@ -391,13 +397,14 @@ class _ClientChannel(ProtocolChannel):
             self.disconnected = True
             self.loseConnection()
             return
-        self.protocol = self.factory.buildProtocol(self.peer)
-        if self.protocol is None:
+        protocol = self.factory.buildProtocol(self.peer)
+        if protocol is None:
             self.factory.doStop()
             self.disconnected = True
             self.loseConnection()
             self.opened.errback(ChannelRefused("the protocol factory built no protocol"))
             return
+        self.protocol = protocol
         super().channelOpen(specificData)
         self.opened.callback(self.protocol)
 

@@ -77,7 +77,7 @@ class AuthorizedHostsChecker:
         self._entries = entries
         self._peer = peer
 
-    def requestAvatarId(self, creds: Any) -> defer.Deferred[HostEntry]:
+    def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
         where = f" from {self._peer}" if self._peer else ""
         entry = next((e for e in self._entries() if e.key.blob() == creds.blob), None)
         if entry is None:
@@ -258,6 +258,8 @@ class _RefusalsLogged(Logger):
 class MuxUserAuthServer(userauth.SSHUserAuthServer):
     """Public-key auth against the current entries, knowing the peer's address."""
 
+    transport: MuxServerTransport
+
     def serviceStarted(self) -> None:
         super().serviceStarted()
         factory = self.transport.factory
@@ -280,6 +282,7 @@ class MuxServerConnection(FlowControlledConnection):
     """The server's ``ssh-connection`` service, with flow-controlled channels."""
 
     _log = _RefusalsLogged()
+    transport: MuxServerTransport
 
     def serviceStarted(self) -> None:
         factory = self.transport.factory
@@ -311,6 +314,9 @@ class MuxServerTransport(DropMalformed, RekeyingTransport, transport.SSHServerTr
 
     supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHServerTransport.supportedCiphers)
     supportedMACs = prefer(PREFERRED_MACS, transport.SSHServerTransport.supportedMACs)
+    factory: SSHMuxFactory
+    avatar: HostAvatar
+    transport: Any  # the TCP transport
     _grace_call: Any = None
 
     @property
@@ -356,7 +362,7 @@ class MuxServerTransport(DropMalformed, RekeyingTransport, transport.SSHServerTr
             )
             self.transport.abortConnection()
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Any = None) -> None:
         self.factory.connections.discard(self)
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()

@@ -265,8 +265,8 @@ class SSHMuxService(service.BuildbotService):
         address = self.listening_port.getHost()
         log.info(
             "SSH server for worker hosts listening on {host}:{port}, host keys {keys}",
-            host=address.host,
-            port=address.port,
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"),
             keys=", ".join(fingerprint(k) for k in self.factory.host_keys),
         )
 

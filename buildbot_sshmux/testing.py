@@ -17,6 +17,8 @@ from typing import Any
 
 from attrs import define, field
 from twisted.internet import defer, task
+from twisted.logger import ILogObserver
+from zope.interface import implementer
 
 from buildbot_sshmux.keys import generate_ed25519, public_line, write_private_key
 
@@ -371,6 +373,7 @@ def host_fingerprint(site: Site, host: str) -> str:
     return fingerprint(load_private_key(site.identities[host]))
 
 
+@implementer(ILogObserver)
 class LogCapture:
     """Every log event of this process, formatted, kept in memory and written to a file."""
 
