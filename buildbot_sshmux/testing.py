@@ -97,11 +97,13 @@ def master_config(
     pb_port: str = "tcp:0:interface=127.0.0.1",
     command: Sequence[str] | None = None,
     extra_workers: Sequence[str] = (),
+    service: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """A master.cfg dict: one builder per project (tagged), one worker per (project, host)."""
-    from buildbot.plugins import schedulers, steps, util, worker
+    """A master.cfg dict: one builder per project (tagged), one worker per (project, host).
 
-    from buildbot_sshmux import SSHMuxService
+    ``service`` holds further `SSHMuxService` arguments (limits, ``host_keys``, ``hosts``).
+    """
+    from buildbot.plugins import schedulers, steps, util, worker
 
     def right_host(builder: Any, wfb: Any, request: Any) -> bool:
         wanted = request.properties.getProperty("worker_host")
@@ -132,19 +134,22 @@ def master_config(
         "builders": builders,
         "schedulers": [schedulers.ForceScheduler(name="force", builderNames=list(projects))],
         "protocols": {"pb": {"port": pb_port}},
-        "services": [
-            SSHMuxService(
-                port=ssh_port,
-                host_keys=[str(site.host_key_path)],
-                authorized_hosts=str(site.authorized_hosts),
-            )
-        ],
+        "services": [sshmux_service_for(site, ssh_port, **(service or {}))],
         "db_url": "sqlite:///state.sqlite",
         # Requests for one builder differ only by worker_host: never collapse them.
         "collapseRequests": False,
         "buildbotNetUsageData": None,
         "title": "buildbot-sshmux",
     }
+
+
+def sshmux_service_for(site: Site, port: str = "tcp:0:interface=127.0.0.1", **arguments: Any) -> Any:
+    """The site's `SSHMuxService` (its host key and authorized_hosts unless overridden)."""
+    from buildbot_sshmux import SSHMuxService
+
+    arguments.setdefault("host_keys", [str(site.host_key_path)])
+    arguments.setdefault("authorized_hosts", str(site.authorized_hosts))
+    return SSHMuxService(port=port, **arguments)
 
 
 async def start_master(basedir: Path, config: dict[str, Any], reactor: Any) -> Any:

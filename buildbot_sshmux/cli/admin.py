@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from buildbot_sshmux.cli import hosts
+from buildbot_sshmux.cli import hosts, run
 from buildbot_sshmux.errors import SSHMuxError
 
 SNIPPET = """\
@@ -113,12 +113,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except SSHMuxError as e:
-        print(f"buildbot-sshmux: {e}", file=sys.stderr)
-        return 2
+    return run(parser(), argv)
 
 
 if __name__ == "__main__":

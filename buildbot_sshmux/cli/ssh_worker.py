@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from buildbot_sshmux.cli import run
 from buildbot_sshmux.errors import SSHMuxError
 
 
@@ -135,12 +136,7 @@ def parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parser().parse_args(argv)
-    try:
-        return int(args.func(args))
-    except SSHMuxError as e:
-        print(f"ssh-worker: {e}", file=sys.stderr)
-        return 2
+    return run(parser(), argv)
 
 
 if __name__ == "__main__":

@@ -11,18 +11,15 @@ each test's directory (master.log, HOST/ssh-worker.log).
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 from buildbot.process.results import Results
 from twisted.internet import defer, reactor
-from twisted.trial import unittest
 
 from buildbot_sshmux import testing as T
+from tests.realmaster import RealMasterCase
 
 FIGURES: list[tuple[str, dict[str, Any]]] = []
 
@@ -87,8 +84,6 @@ def many_workers_config(
     """A master.cfg dict: ``workers`` workers of one host spread over ``builders`` builders."""
     from buildbot.plugins import schedulers, steps, util, worker
 
-    from buildbot_sshmux import SSHMuxService
-
     names = [f"w{i:03d}-{host}" for i in range(workers)]
     builder_names = [f"b{j:02d}" for j in range(builders)]
     builder_configs = [
@@ -104,14 +99,7 @@ def many_workers_config(
         "builders": builder_configs,
         "schedulers": [schedulers.ForceScheduler(name="force", builderNames=builder_names)],
         "protocols": {"pb": {"port": pb_port}},
-        "services": [
-            SSHMuxService(
-                port=ssh_port,
-                host_keys=[str(site.host_key_path)],
-                authorized_hosts=str(site.authorized_hosts),
-                **(service_kwargs or {}),
-            )
-        ],
+        "services": [T.sshmux_service_for(site, ssh_port, **(service_kwargs or {}))],
         "db_url": "sqlite:///state.sqlite",
         "collapseRequests": False,
         "buildbotNetUsageData": None,
@@ -120,36 +108,12 @@ def many_workers_config(
     return config, names, builder_names
 
 
-class FaultCase(unittest.TestCase):
+class FaultCase(RealMasterCase):
     """A fresh site and log per test; launchers, relays and masters always stopped."""
 
     timeout = 180
-    # (exception type, message) that Buildbot or Twisted log, with a traceback,
-    # on a path the test provokes on purpose; any other logged error fails.
-    expected_errors: tuple[tuple[type[BaseException], str], ...] = ()
-
-    def setUp(self) -> None:
-        self.addCleanup(self.flush_expected_errors)
-        self.root = Path(tempfile.mkdtemp(prefix="sshmux-fault-"))
-        if not os.environ.get("SSHMUX_KEEP_TMP"):
-            self.addCleanup(shutil.rmtree, self.root, True)
-        self.log = TimedLog(self.root / "master.log")
-        self.log.start()
-        self.addCleanup(self.log.stop)
-        self.launchers: list[T.LauncherProcess] = []
-        self.master: Any = None
-
-    def flush_expected_errors(self) -> None:
-        for kind, message in self.expected_errors:
-            for failure in self.flushLoggedErrors(kind):
-                if message not in str(failure.value):
-                    self.fail(f"unexpected logged error: {failure.getTraceback()}")
-
-    # -- set-up ------------------------------------------------------------------
-
-    def make_site(self, hosts: Sequence[str]) -> T.Site:
-        self.site = T.Site(self.root, list(hosts))
-        return self.site
+    tmp_prefix = "sshmux-fault-"
+    log_class = TimedLog
 
     def master_config(
         self,
@@ -159,19 +123,7 @@ class FaultCase(unittest.TestCase):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """`testing.master_config`, with these extra `SSHMuxService` arguments."""
-        from buildbot_sshmux import SSHMuxService
-
-        config = T.master_config(projects, hosts, self.site, **kwargs)
-        if service_kwargs:
-            config["services"] = [
-                SSHMuxService(
-                    port=kwargs.get("ssh_port", "tcp:0:interface=127.0.0.1"),
-                    host_keys=[str(self.site.host_key_path)],
-                    authorized_hosts=str(self.site.authorized_hosts),
-                    **service_kwargs,
-                )
-            ]
-        return config
+        return T.master_config(projects, hosts, self.site, service=service_kwargs, **kwargs)
 
     async def start_master_config(self, config: dict[str, Any]) -> Any:
         master = await T.start_master(self.site.master_basedir, config, reactor)

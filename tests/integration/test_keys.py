@@ -21,10 +21,8 @@ import hashlib
 import hmac
 import os
 import re
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -32,11 +30,11 @@ from typing import Any
 from buildbot.process.results import Results
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
-from twisted.trial import unittest
 
 from buildbot_sshmux import testing as T
 from buildbot_sshmux.authorized_hosts import format_entry, remove_entries
 from buildbot_sshmux.keys import fingerprint, generate, load_private_key, public_line, write_private_key
+from tests.realmaster import RealMasterCase
 
 PROJECTS = ["proj-1", "proj-2"]
 
@@ -65,32 +63,11 @@ def hashed_known_hosts_line(name: str, key_line: str) -> str:
     return f"|1|{base64.b64encode(salt).decode()}|{base64.b64encode(digest).decode()} {key_line}"
 
 
-class KeysTestCase(unittest.TestCase):
+class KeysTestCase(RealMasterCase):
     """A fresh site, master and log per test; launchers and master always stopped."""
 
     timeout = 150
-    # Errors Twisted/Buildbot log (with a traceback) on a path the test provokes:
-    # (exception type, message).  Any other logged error fails the test.
-    expected_errors: tuple[tuple[type[BaseException], str], ...] = ()
-
-    def setUp(self) -> None:
-        self.addCleanup(self.flush_expected_errors)
-        self.root = Path(tempfile.mkdtemp(prefix="sshmux-keys-"))
-        if not os.environ.get("SSHMUX_KEEP_TMP"):
-            self.addCleanup(shutil.rmtree, self.root, True)
-        self.log = T.LogCapture(self.root / "master.log")
-        self.log.start()
-        self.addCleanup(self.log.stop)
-        self.launchers: list[T.LauncherProcess] = []
-        self.master: Any = None
-
-    def flush_expected_errors(self) -> None:
-        for kind, message in self.expected_errors:
-            for failure in self.flushLoggedErrors(kind):
-                if message not in str(failure.value):
-                    self.fail(f"unexpected logged error: {failure.getTraceback()}")
-
-    # -- set-up helpers --------------------------------------------------------
+    tmp_prefix = "sshmux-keys-"
 
     def make_site(self, hosts: Sequence[str], authorized: dict[str, str] | None = None) -> T.Site:
         """Keys for every host; authorized_hosts lists ``authorized`` (host -> workers globs).
@@ -132,19 +109,10 @@ class KeysTestCase(unittest.TestCase):
         **kwargs: Any,
     ) -> dict[str, Any]:
         """testing.master_config, with other host keys or inline hosts= if given."""
-        from buildbot_sshmux import SSHMuxService
-
-        config = T.master_config(projects, hosts, self.site, **kwargs)
-        if host_keys is not None or inline_hosts:
-            config["services"] = [
-                SSHMuxService(
-                    port="tcp:0:interface=127.0.0.1",
-                    host_keys=[str(p) for p in (host_keys or [self.site.host_key_path])],
-                    authorized_hosts=str(self.site.authorized_hosts),
-                    hosts=list(inline_hosts),
-                )
-            ]
-        return config
+        service: dict[str, Any] = {"hosts": list(inline_hosts)}
+        if host_keys is not None:
+            service["host_keys"] = [str(p) for p in host_keys]
+        return T.master_config(projects, hosts, self.site, service=service, **kwargs)
 
     async def start_master(self, projects: Sequence[str], hosts: Sequence[str], **kwargs: Any) -> Any:
         master = await T.start_master(

@@ -11,10 +11,7 @@ to keep each test's directory (master.log, HOST/ssh-worker.log) afterwards.
 
 from __future__ import annotations
 
-import os
-import shutil
 import signal
-import tempfile
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from pathlib import Path
@@ -25,9 +22,9 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.spread import pb
-from twisted.trial import unittest
 
 from buildbot_sshmux import testing as T
+from tests.realmaster import RealMasterCase
 
 from .relay import Relay
 
@@ -41,37 +38,10 @@ def names_for(projects: Iterable[str], host: str) -> list[str]:
     return [T.worker_name(p, host) for p in projects]
 
 
-class LauncherTestCase(unittest.TestCase):
+class LauncherTestCase(RealMasterCase):
     """A fresh site, master and log per test; launchers and master always stopped."""
 
     timeout = 150
-    # Errors Buildbot itself logs (with a traceback) on a path the test provokes:
-    # (exception type, message).  Flushed once everything has stopped; any other
-    # logged error still fails the test.
-    expected_errors: tuple[tuple[type[BaseException], str], ...] = ()
-
-    def setUp(self) -> None:
-        self.addCleanup(self.flush_expected_errors)
-        self.root = Path(tempfile.mkdtemp(prefix="sshmux-it-"))
-        if not os.environ.get("SSHMUX_KEEP_TMP"):
-            self.addCleanup(shutil.rmtree, self.root, True)
-        self.log = T.LogCapture(self.root / "master.log")
-        self.log.start()
-        self.addCleanup(self.log.stop)
-        self.launchers: list[T.LauncherProcess] = []
-        self.master: Any = None
-
-    def flush_expected_errors(self) -> None:
-        for kind, message in self.expected_errors:
-            for failure in self.flushLoggedErrors(kind):
-                if message not in str(failure.value):
-                    self.fail(f"unexpected logged error: {failure.getTraceback()}")
-
-    # -- set-up helpers --------------------------------------------------------
-
-    def make_site(self, hosts: Sequence[str]) -> T.Site:
-        self.site = T.Site(self.root, list(hosts))
-        return self.site
 
     async def start_master(self, projects: Sequence[str], hosts: Sequence[str], **kwargs: Any) -> Any:
         config = T.master_config(projects, hosts, self.site, **kwargs)

@@ -340,21 +340,15 @@ class StockSSHClientTests(Base):
         from buildbot_worker.bot import Worker
         from twisted.internet import task
 
-        from buildbot_sshmux.service import SSHMuxService
-
         self.patch(reactor, "stop", lambda *a: None)
         self.site = T.Site(self.root, [HOST])
-        config = T.master_config([PROJECT], [HOST], self.site, command=["sh", "-c", "seq 1 40000"])
-        config["services"] = [
-            SSHMuxService(
-                port="tcp:0:interface=127.0.0.1",
-                host_keys=[str(self.site.host_key_path)],
-                authorized_hosts=str(self.site.authorized_hosts),
-                keepalive_interval=1,
-                keepalive_count_max=2,
-                rekey_bytes=64 * 1024,
-            )
-        ]
+        config = T.master_config(
+            [PROJECT],
+            [HOST],
+            self.site,
+            command=["sh", "-c", "seq 1 40000"],
+            service={"keepalive_interval": 1, "keepalive_count_max": 2, "rekey_bytes": 64 * 1024},
+        )
         master = await T.start_master(self.site.master_basedir, config, reactor)
         self.addCleanup(lambda: defer.ensureDeferred(T.stop_master(master)))
         sshmux = T.sshmux_service(master)
