@@ -29,7 +29,7 @@ from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, Flo
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
-from buildbot_sshmux.sshtransport import PREFERRED_CIPHERS, PREFERRED_MACS, DropMalformed, prefer
+from buildbot_sshmux.sshtransport import SUPPORTED_CIPHERS, SUPPORTED_MACS, AEADFraming, DropMalformed, prefer
 
 log = Logger()
 
@@ -170,11 +170,11 @@ class MuxClientConnection(FlowControlledConnection):
         return 0
 
 
-class MuxClientTransport(DropMalformed, RekeyingTransport, transport.SSHClientTransport):
+class MuxClientTransport(DropMalformed, RekeyingTransport, AEADFraming, transport.SSHClientTransport):
     """Conch's client transport with host key pinning and rekeying."""
 
-    supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHClientTransport.supportedCiphers)
-    supportedMACs = prefer(PREFERRED_MACS, transport.SSHClientTransport.supportedMACs)
+    supportedCiphers = SUPPORTED_CIPHERS
+    supportedMACs = SUPPORTED_MACS
     _secured = False
 
     def __init__(self, link: MasterLink) -> None:

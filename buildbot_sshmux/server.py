@@ -40,7 +40,7 @@ from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, Flo
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.limits import ServerLimits, StartupGate
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
-from buildbot_sshmux.sshtransport import PREFERRED_CIPHERS, PREFERRED_MACS, DropMalformed, prefer
+from buildbot_sshmux.sshtransport import SUPPORTED_CIPHERS, SUPPORTED_MACS, AEADFraming, DropMalformed
 
 log = Logger()
 
@@ -309,11 +309,11 @@ class MuxServerConnection(FlowControlledConnection):
         raise ConchError("CHANNEL_OPEN_FAILURE for a channel the master never opened")
 
 
-class MuxServerTransport(DropMalformed, RekeyingTransport, transport.SSHServerTransport):
+class MuxServerTransport(DropMalformed, RekeyingTransport, AEADFraming, transport.SSHServerTransport):
     """Conch's server transport with sshd's limits, rekeying and fast algorithms first."""
 
-    supportedCiphers = prefer(PREFERRED_CIPHERS, transport.SSHServerTransport.supportedCiphers)
-    supportedMACs = prefer(PREFERRED_MACS, transport.SSHServerTransport.supportedMACs)
+    supportedCiphers = SUPPORTED_CIPHERS
+    supportedMACs = SUPPORTED_MACS
     factory: SSHMuxFactory
     avatar: HostAvatar
     transport: Any  # the TCP transport

@@ -16,7 +16,7 @@ from twisted.spread import pb
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.bridge import ProtocolChannel
-from buildbot_sshmux.client import ChannelEndpoint, MuxClientConnection
+from buildbot_sshmux.client import ChannelEndpoint, MuxClientConnection, MuxClientTransport
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Liveness
 from buildbot_sshmux.server import HostAvatar
@@ -230,6 +230,8 @@ def blocked_bytes(t: Any) -> int:
 
 
 class RekeyTests(TestCase):
+    cipher = b"aes128-gcm@openssh.com"
+
     def setUp(self) -> None:
         self.logs = LogCapture(self)
 
@@ -254,6 +256,7 @@ class RekeyTests(TestCase):
         self.assertIs(pair.link.connection, self.services[1], "the worker's ssh-connection was restarted")
         for t in (pair.server, pair.client_transport()):
             self.assertEqual(t._keyExchangeState, NONE)
+            self.assertEqual(t.currentEncryptions.outCipType, self.cipher)
             self.assertFalse(t.service.budget.rekeying)
 
     def echo_all(self, session: EchoSession, values: list[str]) -> None:
@@ -473,6 +476,17 @@ class RekeyTests(TestCase):
             self.assertEqual(held, in_kex, "channels released while an exchange runs")
         self.assertConnected(pair, server)
         self.echo_all(session, ["still here"])
+
+
+class RekeyWithAESCTRTests(RekeyTests):
+    """The same exchanges over AES-CTR and HMAC (Conch's own packet framing);
+    `RekeyTests` run over AES-GCM, which both ends prefer."""
+
+    cipher = b"aes128-ctr"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(MuxClientTransport, "supportedCiphers", [b"aes128-ctr"])
 
 
 class CountMaxZeroTests(TestCase):

@@ -30,7 +30,8 @@ from buildbot_sshmux.bridge import ProtocolChannel
 from buildbot_sshmux.client import ChannelEndpoint, HostKeyPins, MuxClientTransport
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.server import PBUnavailable, is_loopback, prefer
+from buildbot_sshmux.server import PBUnavailable, is_loopback
+from buildbot_sshmux.sshtransport import prefer
 
 from .sshharness import (
     HOST_KEY,
