@@ -98,10 +98,14 @@ class ConnectionBudget:
         low_water = self.limits.connection_high_water // 2
         was_above = self.pending > low_water
         self.pending -= n
-        # Channels throttled by the budget wake when it drains below low water;
-        # a channel throttled by its own queue wakes from its own sends.
-        if was_above and self.pending <= low_water and self._throttled:
+        # Channels throttled by the budget wake when it drains below low water,
+        # longest throttled first, until their writes fill it again (so waking
+        # costs what is woken, not every channel); a channel throttled by its
+        # own queue wakes from its own sends.
+        if was_above and self.pending <= low_water:
             for channel in list(self._throttled):
+                if self.pending > low_water:
+                    break
                 channel.update_throttle()
 
     def watch(self, channel: ProtocolChannel) -> None:

@@ -350,6 +350,13 @@ async def builds_of_request(master: Any, brid: int) -> list[dict[str, Any]]:
     return sorted(builds, key=lambda b: b["buildid"])
 
 
+async def build_stdout(master: Any, build: dict[str, Any]) -> list[str]:
+    """The stdout lines of a build's "build" step (its stdio log, 'o' lines)."""
+    log = await master.data.get(("builds", build["buildid"], "steps", "build", "logs", "stdio", "contents"))
+    assert log is not None, f"build {build['buildid']}: no stdio log"
+    return [line[1:] for line in log["content"].splitlines() if line.startswith("o")]
+
+
 async def wait_process_exit(reactor: Any, launcher: LauncherProcess, timeout: float) -> int:
     """Wait (without blocking the reactor) for a launcher to exit; return its exit code."""
     assert launcher.process is not None

@@ -14,6 +14,7 @@ skips the test with the reason.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import pwd
 import shutil
@@ -204,9 +205,15 @@ class Base(unittest.TestCase):
     def logged(self, *parts: str) -> list[str]:
         return [line for line in self.log_lines if all(p in line for p in parts)]
 
-    async def start_master(self, *, sshmux: bool = True, projects: tuple[str, ...] = (PROJECT,)) -> Any:
+    async def start_master(
+        self,
+        *,
+        sshmux: bool = True,
+        projects: tuple[str, ...] = (PROJECT,),
+        command: list[str] | None = None,
+    ) -> Any:
         self.site = T.Site(self.root, [HOST])
-        config = T.master_config(list(projects), [HOST], self.site)
+        config = T.master_config(list(projects), [HOST], self.site, command=command)
         if not sshmux:
             config["services"] = []
         master = await T.start_master(self.site.master_basedir, config, reactor)
@@ -380,6 +387,55 @@ class StockSSHClientTests(Base):
         self.assertEqual(self.logged("no answer to"), [])
         self.assertIn(WORKER, T.attached_workers(master))
 
+    def test_aes_gcm_with_stock_ssh(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._aes_gcm())
+
+    async def _aes_gcm(self) -> None:
+        """ssh asks for each AES-GCM cipher in turn; a build's log crosses
+        re-exchanges started by either side."""
+        from buildbot_worker.bot import Worker
+
+        self.patch(reactor, "stop", lambda *a: None)
+        self.site = T.Site(self.root, [HOST])
+        config = T.master_config(
+            [PROJECT],
+            [HOST],
+            self.site,
+            command=["sh", "-c", "seq 1 40000 | sha256sum; seq 1 40000"],
+            service={"rekey_bytes": 8 * 1024},  # ssh (below) re-keys about every 32 KiB it sends
+        )
+        master = await T.start_master(self.site.master_basedir, config, reactor)
+        self.addCleanup(lambda: defer.ensureDeferred(T.stop_master(master)))
+        sshmux = T.sshmux_service(master)
+        ssh_port, pb_port = T.ssh_port(master), T.pb_port(master)
+        expected = hashlib.sha256("".join(f"{n}\n" for n in range(1, 40001)).encode()).hexdigest()
+
+        for cipher in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com"):
+            options = ["-o", f"Ciphers={cipher}", "-o", "RekeyLimit=128K"]
+            ssh, (local,) = await self.forward_with(ssh_port, options, [("localhost", pb_port)])
+            for direction in ("client->server", "server->client"):
+                self.assertIn(f"kex: {direction} cipher: {cipher} MAC: <implicit>", ssh.text)
+            (transport,) = sshmux.factory.connections
+            self.assertEqual(transport.currentEncryptions.inCipType, cipher.encode())
+
+            basedir = self.root / "worker" / cipher
+            basedir.mkdir(parents=True)
+            worker = Worker("127.0.0.1", local, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0)
+            worker.startService()
+            await T.wait_until(reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach")
+            [brid] = await T.force_builds(master, [(PROJECT, HOST)])
+            self.assertEqual(await T.buildrequest_results(master, [brid]), [SUCCESS])
+            [build] = await T.builds_of_request(master, brid)
+            lines = await T.build_stdout(master, build)
+            self.assertEqual(lines, [f"{expected}  -"] + [str(n) for n in range(1, 40001)])
+            self.assertGreaterEqual(transport.rekeys, 1, "the master started no key re-exchange")
+            self.assertGreaterEqual(ssh.text.count("ssh_set_newkeys: rekeying out"), 2, ssh.text[-3000:])
+            self.assertEqual(transport.currentEncryptions.outCipType, cipher.encode())
+            await worker.stopService()
+            await ssh.stop()
+            await T.wait_until(reactor, lambda: not sshmux.factory.connections, 30, "ssh to disconnect")
+        self.assertEqual(self.logged("bad MAC"), [])
+
     def test_stock_ssh_refused_targets(self) -> defer.Deferred[None]:
         return defer.ensureDeferred(self._refused_targets())
 
@@ -508,8 +564,9 @@ class StockSSHDTests(Base):
                 raise unittest.SkipTest(f"sshd as root needs /run/sshd, which cannot be made ({e})") from e
         super().setUp()
 
-    async def start_sshd(self, pb_port: int, user: str) -> tuple[Child, int, Path]:
-        """A stock sshd on a free port, allowed only local forwards to localhost:pb_port."""
+    async def start_sshd(self, pb_port: int, user: str, options: list[str]) -> tuple[Child, int, Path]:
+        """A stock sshd on a free port, allowed only local forwards to localhost:pb_port;
+        ``options`` are further sshd_config lines."""
         sshd_dir = self.root / "sshd"
         sshd_dir.mkdir()
         host_key = sshd_dir / "ssh_host_ed25519_key"
@@ -541,7 +598,8 @@ class StockSSHDTests(Base):
                         "AllowAgentForwarding no",
                         "X11Forwarding no",
                         "PermitTTY no",
-                        "LogLevel VERBOSE",
+                        "LogLevel DEBUG1",
+                        *options,
                     ]
                 )
                 + "\n"
@@ -558,16 +616,29 @@ class StockSSHDTests(Base):
         raise AssertionError(f"sshd did not start:\n{last}")
 
     def test_launcher_through_stock_sshd(self) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._launcher_through_stock_sshd())
+        """sshd's default ciphers: the launcher's first choice, AES-128-GCM."""
+        return defer.ensureDeferred(self._launcher_through_stock_sshd([], "aes128-gcm@openssh.com"))
 
-    async def _launcher_through_stock_sshd(self) -> None:
+    def test_launcher_through_stock_sshd_aes256_gcm_rekeying(self) -> defer.Deferred[None]:
+        options = ["Ciphers aes256-gcm@openssh.com", "RekeyLimit 16K"]
+        return defer.ensureDeferred(
+            self._launcher_through_stock_sshd(options, "aes256-gcm@openssh.com", rekeys=2)
+        )
+
+    def test_launcher_through_stock_sshd_aes_ctr_rekeying(self) -> defer.Deferred[None]:
+        options = ["Ciphers aes128-ctr", "MACs hmac-sha2-256", "RekeyLimit 16K"]
+        return defer.ensureDeferred(self._launcher_through_stock_sshd(options, "aes128-ctr", rekeys=2))
+
+    async def _launcher_through_stock_sshd(self, options: list[str], cipher: str, rekeys: int = 0) -> None:
         projects = (PROJECT, "libbar")
         names = [T.worker_name(p, HOST) for p in projects]
-        master = await self.start_master(sshmux=False, projects=projects)
+        # Each build's log is ~240 KB: many packets, and re-keys when asked for.
+        command = ["sh", "-c", "seq 1 40000 | sha256sum; seq 1 40000"] if rekeys else None
+        master = await self.start_master(sshmux=False, projects=projects, command=command)
         self.assertFalse([s for s in master.service_manager if type(s).__name__ == "SSHMuxService"])
         pb_port = T.pb_port(master)
         user = pwd.getpwuid(os.geteuid()).pw_name
-        sshd, sshd_port, sshd_pub = await self.start_sshd(pb_port, user)
+        sshd, sshd_port, sshd_pub = await self.start_sshd(pb_port, user, options)
 
         # The launcher pins sshd's host key and logs in as a real account
         # (stock sshd knows no "buildbot-worker" user).
@@ -594,6 +665,10 @@ class StockSSHDTests(Base):
         host_fp = fingerprint(load_private_key(self.site.identities[HOST]))
         self.assertIn(f"Accepted publickey for {user} from 127.0.0.1", sshd.text)
         self.assertIn(host_fp, sshd.text)
+        mac = "<implicit>" if "gcm" in cipher else "hmac-sha2-256"
+        for direction in ("client->server", "server->client"):
+            self.assertIn(f"kex: {direction} cipher: {cipher} MAC: {mac}", sshd.text)
+        self.assertGreaterEqual(sshd.text.count("ssh_set_newkeys: rekeying"), rekeys, sshd.text[-3000:])
         # One SSH connection carries both sessions; sshd opens one loopback TCP
         # connection per channel to the unmodified master's PB port.
         established = [s for s in tcp_sockets() if s[4] == "01"]
