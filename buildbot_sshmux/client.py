@@ -29,7 +29,14 @@ from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, Flo
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
-from buildbot_sshmux.sshtransport import SUPPORTED_CIPHERS, SUPPORTED_MACS, AEADFraming, DropMalformed, prefer
+from buildbot_sshmux.sshtransport import (
+    SUPPORTED_CIPHERS,
+    SUPPORTED_MACS,
+    AEADFraming,
+    DropMalformed,
+    StrictKeyExchange,
+    prefer,
+)
 
 log = Logger()
 
@@ -170,7 +177,9 @@ class MuxClientConnection(FlowControlledConnection):
         return 0
 
 
-class MuxClientTransport(DropMalformed, RekeyingTransport, AEADFraming, transport.SSHClientTransport):
+class MuxClientTransport(
+    DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming, transport.SSHClientTransport
+):
     """Conch's client transport with host key pinning and rekeying."""
 
     supportedCiphers = SUPPORTED_CIPHERS

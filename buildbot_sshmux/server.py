@@ -40,7 +40,13 @@ from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, Flo
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.limits import ServerLimits, StartupGate
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
-from buildbot_sshmux.sshtransport import SUPPORTED_CIPHERS, SUPPORTED_MACS, AEADFraming, DropMalformed
+from buildbot_sshmux.sshtransport import (
+    SUPPORTED_CIPHERS,
+    SUPPORTED_MACS,
+    AEADFraming,
+    DropMalformed,
+    StrictKeyExchange,
+)
 
 log = Logger()
 
@@ -309,7 +315,9 @@ class MuxServerConnection(FlowControlledConnection):
         raise ConchError("CHANNEL_OPEN_FAILURE for a channel the master never opened")
 
 
-class MuxServerTransport(DropMalformed, RekeyingTransport, AEADFraming, transport.SSHServerTransport):
+class MuxServerTransport(
+    DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming, transport.SSHServerTransport
+):
     """Conch's server transport with sshd's limits, rekeying and fast algorithms first."""
 
     supportedCiphers = SUPPORTED_CIPHERS

@@ -1,24 +1,27 @@
-"""What the master's and the launcher's SSH transports share."""
+"""What the master's and the launcher's SSH transports share: fast
+algorithms first, AEAD packet framing, strict key exchange, and dropping a
+peer whose message cannot be parsed."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh import transport
+from twisted.conch.ssh.common import getNS
 from twisted.logger import Logger
 
-from buildbot_sshmux.aead import AEAD_CIPHERS, PacketCipher, padding_length
+from buildbot_sshmux.aead import AEAD_CIPHERS, PacketCipher, RandomPadding, packet_cipher, padding_length
 
 log = Logger()
 
-# Fast, widely supported algorithms first: AES-GCM seals a packet in one call;
-# with AES-CTR, hmac-sha2-512 costs ~2.5x sha2-256.
+# Fast, widely supported algorithms first: AES-GCM seals a packet in one call
+# (AES-NI); with AES-CTR, hmac-sha2-512 costs ~2.5x sha2-256.
 PREFERRED_CIPHERS = [
     b"aes128-gcm@openssh.com",
     b"aes256-gcm@openssh.com",
+    b"chacha20-poly1305@openssh.com",
     b"aes128-ctr",
     b"aes256-ctr",
     b"aes192-ctr",
@@ -26,6 +29,8 @@ PREFERRED_CIPHERS = [
 PREFERRED_MACS = [b"hmac-sha2-256", b"hmac-sha2-512", b"hmac-sha1"]
 MAX_PACKET_LENGTH = 1048576  # Conch's limit on an incoming packet
 IMPLICIT_MAC = b"<implicit>"  # the MAC "name" of an AEAD direction, as OpenSSH reports it
+KEX_STRICT_CLIENT = b"kex-strict-c-v00@openssh.com"
+KEX_STRICT_SERVER = b"kex-strict-s-v00@openssh.com"
 
 
 def prefer(preferred: Sequence[bytes], supported: Sequence[bytes]) -> list[bytes]:
@@ -62,26 +67,32 @@ class Ciphers(transport.SSHCiphers):
         super().setKeys(outIV, outKey, inIV, inKey, outInteg, inInteg)
         self.outCipType, self.inCipType = out_name, in_name
         if out_name in AEAD_CIPHERS:
-            self.out_aead = PacketCipher(out_name, outKey, outIV)
+            self.out_aead = packet_cipher(out_name, outKey, outIV)
             self.outMACType = IMPLICIT_MAC
+            self.encBlockSize = self.out_aead.block_size
         if in_name in AEAD_CIPHERS:
-            self.in_aead = PacketCipher(in_name, inKey, inIV)
+            self.in_aead = packet_cipher(in_name, inKey, inIV)
             self.inMACType = IMPLICIT_MAC
+            self.decBlockSize = self.in_aead.block_size
 
 
 class AEADFraming:
     """Mixin for Conch transports: the binary packet framing of AEAD ciphers.
 
     Conch frames packets for a block cipher followed by a MAC over the
-    plaintext; with an AEAD cipher the length stays in clear and one call
-    seals or opens the rest.  Other ciphers go through Conch unchanged.
+    plaintext; with an AEAD cipher one call seals or opens a packet, and
+    the length is read from the header first.  Other ciphers go through
+    Conch unchanged.
     """
 
     currentEncryptions: Any
     buf: bytes
+    _padding: RandomPadding | None = None
+    _incoming_length: int | None = None  # of the packet being received, once read
 
     def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
-        self.nextEncryptions = Ciphers.adopt(self.nextEncryptions)
+        t: Any = self
+        t.nextEncryptions = Ciphers.adopt(t.nextEncryptions)
         super()._keySetup(sharedSecret, exchangeHash)  # type: ignore[misc]
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
@@ -96,9 +107,10 @@ class AEADFraming:
         if t.outgoingCompression:
             message = t.outgoingCompression.compress(message) + t.outgoingCompression.flush(2)
         pad = padding_length(1 + len(message), sealer.block_size)
-        body = b"".join((bytes((pad,)), message, os.urandom(pad)))
-        header = len(body).to_bytes(4, "big")
-        t.transport.writeSequence((header, sealer.seal(header, body)))
+        if self._padding is None:
+            self._padding = RandomPadding()
+        body = b"".join((bytes((pad,)), message, self._padding.take(pad)))
+        t.transport.writeSequence(sealer.seal(t.outgoingPacketSequence, len(body).to_bytes(4, "big"), body))
         t.outgoingPacketSequence += 1
         return None
 
@@ -107,19 +119,22 @@ class AEADFraming:
         if opener is None:
             return super().getPacket()  # type: ignore[misc,no-any-return]
         t: Any = self
-        buf = self.buf
+        buf, seq = self.buf, t.incomingPacketSequence
         if len(buf) < 4:
             return None
-        length = opener.packet_length(buf)
-        if length > MAX_PACKET_LENGTH or length < opener.block_size or length % opener.block_size:
-            t.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % length)
-            return None
+        length = self._incoming_length
+        if length is None:
+            length = self._incoming_length = opener.packet_length(seq, buf)
+            if length > MAX_PACKET_LENGTH or length < opener.block_size or length % opener.block_size:
+                t.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % length)
+                return None
         end = 4 + length + opener.tag_size
         if len(buf) < end:
             return None
+        self._incoming_length = None
         view = memoryview(buf)
         try:
-            body = opener.open(view[:4], view[4:end])
+            body = opener.open(seq, view[:4], view[4:end])
         except InvalidTag:
             t.sendDisconnect(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
             return None
@@ -137,6 +152,70 @@ class AEADFraming:
                 return None
         t.incomingPacketSequence += 1
         return payload
+
+
+class StrictKeyExchange:
+    """Mixin for Conch transports: OpenSSH's strict key exchange.
+
+    OpenSSH's PROTOCOL, section 1.10, against prefix truncation (Terrapin,
+    CVE-2023-48795), which chacha20-poly1305 would otherwise allow: each side
+    advertises a marker in its first KEXINIT; if both do, the peer's KEXINIT
+    must be its first packet, nothing but key exchange messages may arrive
+    until the first NEWKEYS, and every NEWKEYS resets the sequence number of
+    its direction.
+    """
+
+    advertise_strict_kex = True
+    strict_kex = False
+    _initial_kex_done = False
+
+    def sendKexInit(self) -> None:
+        t: Any = self
+        if t.sessionID is None and self.advertise_strict_kex:  # the initial exchange
+            marker = KEX_STRICT_CLIENT if t.isClient else KEX_STRICT_SERVER
+            t.supportedKeyExchanges = [*type(self).supportedKeyExchanges, marker]  # type: ignore[attr-defined]
+            try:
+                super().sendKexInit()  # type: ignore[misc]
+            finally:
+                del t.supportedKeyExchanges  # negotiation uses the class's list
+        else:
+            super().sendKexInit()  # type: ignore[misc]
+
+    def ssh_KEXINIT(self, packet: bytes) -> Any:
+        t: Any = self
+        if t.sessionID is None and not self._initial_kex_done:
+            peer_marker = KEX_STRICT_SERVER if t.isClient else KEX_STRICT_CLIENT
+            if self.advertise_strict_kex and peer_marker in getNS(packet[16:])[0].split(b","):
+                self.strict_kex = True
+                if t.incomingPacketSequence != 1:
+                    self._violation(b"KEXINIT was not the first packet")
+                    return None
+        return super().ssh_KEXINIT(packet)  # type: ignore[misc]
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        t: Any = self
+        if self.strict_kex:
+            if not self._initial_kex_done and not _key_exchange_message(messageNum):
+                self._violation(b"message %d during the initial key exchange" % messageNum)
+                return
+            if messageNum == transport.MSG_NEWKEYS:
+                t.incomingPacketSequence = 0
+                self._initial_kex_done = True
+        super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        super().sendPacket(messageType, payload)  # type: ignore[misc]
+        if self.strict_kex and messageType == transport.MSG_NEWKEYS:
+            self.outgoingPacketSequence = 0
+
+    def _violation(self, what: bytes) -> None:
+        self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"strict KEX violation: " + what)  # type: ignore[attr-defined]
+
+
+def _key_exchange_message(number: int) -> bool:
+    return number in (transport.MSG_DISCONNECT, transport.MSG_KEXINIT, transport.MSG_NEWKEYS) or (
+        30 <= number <= 49
+    )
 
 
 class DropMalformed:

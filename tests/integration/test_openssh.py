@@ -387,12 +387,12 @@ class StockSSHClientTests(Base):
         self.assertEqual(self.logged("no answer to"), [])
         self.assertIn(WORKER, T.attached_workers(master))
 
-    def test_aes_gcm_with_stock_ssh(self) -> defer.Deferred[None]:
-        return defer.ensureDeferred(self._aes_gcm())
+    def test_aead_ciphers_with_stock_ssh(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._aead_ciphers())
 
-    async def _aes_gcm(self) -> None:
-        """ssh asks for each AES-GCM cipher in turn; a build's log crosses
-        re-exchanges started by either side."""
+    async def _aead_ciphers(self) -> None:
+        """ssh asks for each AEAD cipher in turn, with strict key exchange; a
+        build's log crosses re-exchanges started by either side."""
         from buildbot_worker.bot import Worker
 
         self.patch(reactor, "stop", lambda *a: None)
@@ -410,19 +410,27 @@ class StockSSHClientTests(Base):
         ssh_port, pb_port = T.ssh_port(master), T.pb_port(master)
         expected = hashlib.sha256("".join(f"{n}\n" for n in range(1, 40001)).encode()).hexdigest()
 
-        for cipher in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com"):
+        for cipher in ("aes128-gcm@openssh.com", "aes256-gcm@openssh.com", "chacha20-poly1305@openssh.com"):
             options = ["-o", f"Ciphers={cipher}", "-o", "RekeyLimit=128K"]
             ssh, (local,) = await self.forward_with(ssh_port, options, [("localhost", pb_port)])
             for direction in ("client->server", "server->client"):
                 self.assertIn(f"kex: {direction} cipher: {cipher} MAC: <implicit>", ssh.text)
             (transport,) = sshmux.factory.connections
             self.assertEqual(transport.currentEncryptions.inCipType, cipher.encode())
+            # Both ends reset sequence numbers at NEWKEYS (else nothing would decrypt).
+            self.assertTrue(transport.strict_kex)
+            self.assertIn("resetting send seqnr", ssh.text)
+            self.assertIn("resetting read seqnr", ssh.text)
 
             basedir = self.root / "worker" / cipher
             basedir.mkdir(parents=True)
-            worker = Worker("127.0.0.1", local, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0)
+            worker = Worker(
+                "127.0.0.1", local, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0
+            )
             worker.startService()
-            await T.wait_until(reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach")
+            await T.wait_until(
+                reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach"
+            )
             [brid] = await T.force_builds(master, [(PROJECT, HOST)])
             self.assertEqual(await T.buildrequest_results(master, [brid]), [SUCCESS])
             [build] = await T.builds_of_request(master, brid)
@@ -625,6 +633,12 @@ class StockSSHDTests(Base):
             self._launcher_through_stock_sshd(options, "aes256-gcm@openssh.com", rekeys=2)
         )
 
+    def test_launcher_through_stock_sshd_chacha20_rekeying(self) -> defer.Deferred[None]:
+        options = ["Ciphers chacha20-poly1305@openssh.com", "RekeyLimit 16K"]
+        return defer.ensureDeferred(
+            self._launcher_through_stock_sshd(options, "chacha20-poly1305@openssh.com", rekeys=2)
+        )
+
     def test_launcher_through_stock_sshd_aes_ctr_rekeying(self) -> defer.Deferred[None]:
         options = ["Ciphers aes128-ctr", "MACs hmac-sha2-256", "RekeyLimit 16K"]
         return defer.ensureDeferred(self._launcher_through_stock_sshd(options, "aes128-ctr", rekeys=2))
@@ -665,10 +679,13 @@ class StockSSHDTests(Base):
         host_fp = fingerprint(load_private_key(self.site.identities[HOST]))
         self.assertIn(f"Accepted publickey for {user} from 127.0.0.1", sshd.text)
         self.assertIn(host_fp, sshd.text)
-        mac = "<implicit>" if "gcm" in cipher else "hmac-sha2-256"
+        mac = "hmac-sha2-256" if cipher == "aes128-ctr" else "<implicit>"
         for direction in ("client->server", "server->client"):
             self.assertIn(f"kex: {direction} cipher: {cipher} MAC: {mac}", sshd.text)
         self.assertGreaterEqual(sshd.text.count("ssh_set_newkeys: rekeying"), rekeys, sshd.text[-3000:])
+        # Strict key exchange (Terrapin countermeasure): sshd resets sequence numbers.
+        self.assertIn("resetting send seqnr", sshd.text)
+        self.assertIn("resetting read seqnr", sshd.text)
         # One SSH connection carries both sessions; sshd opens one loopback TCP
         # connection per channel to the unmodified master's PB port.
         established = [s for s in tcp_sockets() if s[4] == "01"]

@@ -489,6 +489,17 @@ class RekeyWithAESCTRTests(RekeyTests):
         self.patch(MuxClientTransport, "supportedCiphers", [b"aes128-ctr"])
 
 
+class RekeyWithChaCha20Tests(RekeyTests):
+    """The same exchanges over chacha20-poly1305, whose nonce is the sequence
+    number that strict key exchange resets at every NEWKEYS."""
+
+    cipher = b"chacha20-poly1305@openssh.com"
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.patch(MuxClientTransport, "supportedCiphers", [self.cipher])
+
+
 class CountMaxZeroTests(TestCase):
     """keepalive_count_max=0 keeps sending but never drops, as OpenSSH's CountMax 0."""
 
