@@ -21,6 +21,7 @@ class PacketLog:
     def __init__(self) -> None:
         self.channels: list[int] = []
         self.sizes: list[int] = []
+        self.data: list[bytes] = []
 
     def sendPacket(self, messageType: int, payload: bytes) -> None:
         if messageType == 94:  # MSG_CHANNEL_DATA
@@ -28,6 +29,7 @@ class PacketLog:
             (length,) = struct.unpack(">L", payload[4:8])
             self.channels.append(remote)
             self.sizes.append(length)
+            self.data.append(payload[8:])
 
 
 def make_connection() -> tuple[FlowControlledConnection, PacketLog]:
@@ -117,3 +119,31 @@ class RoundRobinTests(TestCase):
         echo.write(b"q" * 3000)
         self.assertIn(1, log.channels)
         self.assertEqual(sum(log.sizes), 3004)
+
+
+class PacketFillingTests(TestCase):
+    def test_queued_writes_leave_in_packets_as_full_as_the_peer_allows(self) -> None:
+        """Small writes (shared buffers) and large ones (queued as they are)
+        are cut and joined into full packets, in order."""
+        conn, log = make_connection()
+        channel = open_channel(conn, 0)
+        conn.pauseProducing()
+        writes = [bytes([65 + i % 26]) * 70 for i in range(30)]
+        writes += [b"L" * 9000, b"M" * 9500, b"tail"]
+        for data in writes:
+            channel.write(data)
+        conn.resumeProducing()
+        total = sum(map(len, writes))
+        self.assertEqual(log.sizes, [1000] * (total // 1000) + [total % 1000])
+        self.assertEqual(b"".join(log.data), b"".join(writes))
+        self.assertEqual(channel.pending, 0)
+        self.assertEqual(conn.budget.pending, 0)
+
+    def test_a_packet_never_exceeds_the_window(self) -> None:
+        conn, log = make_connection()
+        channel = open_channel(conn, 0, window=2500)
+        channel.write(b"w" * 9000)
+        self.assertEqual(log.sizes, [1000, 1000, 500])
+        channel.addWindowBytes(700)
+        self.assertEqual(log.sizes[-1], 700)
+        self.assertEqual(channel.pending, 9000 - 3200)
