@@ -337,7 +337,7 @@ class ProtocolChannel(SSHChannel):
         """Send one packet, as full as the peer allows, from the front of the
         queue: the connection calls this round-robin."""
         limit = min(self.remoteWindowLeft, self.remoteMaxPacket)
-        pieces: list[bytes | memoryview] = []
+        pieces: list[bytes | bytearray | memoryview] = []
         n = 0
         while self._chunks and n < limit:
             chunk = self._chunks[0]
