@@ -43,6 +43,7 @@ class Figures:
     build_seconds: float = 0.0
     green: int = 0
     total: int = 0
+    algorithms: str = ""
 
 
 def _say(text: str) -> None:
@@ -77,6 +78,7 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
             "every worker session to attach",
         )
         figures.ssh_connections = testing.sshmux_service(master).connection_count
+        figures.algorithms = _algorithms(testing.sshmux_service(master))
         figures.tcp_on_ssh_port = testing.established_tcp(ssh_port)
         figures.tcp_on_pb_port_ssh = testing.established_tcp(pb_port)
         figures.fds_ssh = testing.open_fds()
@@ -126,6 +128,15 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
     return figures
 
 
+def _algorithms(sshmux: Any) -> str:
+    """What the master's SSH connections negotiated, e.g. cipher and key exchange."""
+    seen = set()
+    for t in sshmux.factory.connections:
+        strict = ", strict KEX" if getattr(t, "strict_kex", False) else ""
+        seen.add(f"{t.currentEncryptions.inCipType.decode()}, {t.kexAlg.decode()}{strict}")
+    return "; ".join(sorted(seen))
+
+
 def _check_alive(launchers: list[Any]) -> bool:
     for launcher in launchers:
         if launcher.process.poll() is not None:
@@ -148,6 +159,7 @@ def summary(f: Figures) -> str:
             "master open fds, same workers over plain PB",
             f"{f.fds_plain} (+{f.fds_plain - f.fds_baseline}; TCP on the PB port: {f.tcp_on_pb_port_plain})",
         ),
+        ("SSH cipher, key exchange", f.algorithms),
         ("attach time over SSH", f"{f.attach_seconds:.1f}s"),
         ("builds green/total", f"{f.green}/{f.total} in {f.build_seconds:.1f}s"),
     ]
