@@ -13,7 +13,8 @@ full.  This one counts what waits, per channel and per connection:
   request/response protocol cannot make it buffer more;
 - when the buffer drains to half that, both resume;
 - past ``max_buffer`` (or the connection's ``max_buffer``) the peer is not
-  reading at all: the channel is aborted and says so.
+  reading at all: the channel is aborted and says so (with a
+  ``stall_timeout``, only once the peer has also taken nothing for that long).
 
 The connection registers itself as producer on its TCP transport, so a full
 socket buffer holds back every channel instead of growing in the kernel's
@@ -22,6 +23,7 @@ place.
 
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable
 from typing import Any
@@ -56,6 +58,11 @@ class FlowLimits:
     max_buffer: int = 8 * MiB
     connection_high_water: int = 16 * MiB
     connection_max_buffer: int = 64 * MiB
+    # Past a max_buffer, 0 aborts the channel at once (the master: a worker
+    # host must not make it hold more); more waits until the peer has taken
+    # nothing for that many seconds (the worker side: buildbot-worker streams
+    # logs without flow control, and a master that reads slowly is reading).
+    stall_timeout: float = 0.0
 
 
 @implementer(IAddress)
@@ -131,6 +138,7 @@ class ProtocolChannel(SSHChannel):
         host: IAddress,
         limits: FlowLimits = FlowLimits(),
         call_soon: Callable[[Callable[[], Any]], Any] | None = None,
+        clock: Callable[[], float] = time.monotonic,
         label: str = "",
         **kwargs: Any,
     ) -> None:
@@ -142,6 +150,8 @@ class ProtocolChannel(SSHChannel):
         self.label = label
         self.disconnected = False
         self._call_soon = call_soon
+        self._clock = clock
+        self._last_progress = clock()  # when the peer last took data or granted window
         self._chunks: deque[memoryview | bytearray] = deque()
         self._pending = 0
         self._producer: IPushProducer | IPullProducer | None = None
@@ -199,6 +209,7 @@ class ProtocolChannel(SSHChannel):
         self.loseConnection()
 
     def addWindowBytes(self, data: int) -> None:
+        self._last_progress = self._clock()
         self.remoteWindowLeft += data
         if self._chunks:
             self.flush()
@@ -252,7 +263,7 @@ class ProtocolChannel(SSHChannel):
         self.flush()
         if self.disconnected:
             return
-        if self._pending > self.limits.max_buffer or self._budget.overflowing:
+        if (self._pending > self.limits.max_buffer or self._budget.overflowing) and self._peer_stalled():
             self._overflow()
         else:
             self.update_throttle()
@@ -352,6 +363,7 @@ class ProtocolChannel(SSHChannel):
             n += take
         self.remoteWindowLeft -= n
         self._pending -= n
+        self._last_progress = self._clock()
         self.conn.sendData(self, pieces[0] if len(pieces) == 1 else b"".join(pieces))  # type: ignore[union-attr]
         self._budget.refund(n)
         if self.closing and not self._pending and not self.localClosed:
@@ -403,13 +415,20 @@ class ProtocolChannel(SSHChannel):
         self._chunks.clear()
         self._pending = 0
 
+    def _peer_stalled(self) -> bool:
+        """Whether a queue past its limit means the peer is not reading."""
+        timeout = self.limits.stall_timeout
+        return timeout <= 0 or self._clock() - self._last_progress >= timeout
+
     def _overflow(self) -> None:
+        idle = self._clock() - self._last_progress
         log.error(
             "{label}: the peer is not reading ({pending} bytes queued on the channel,"
-            " {total} on the connection); channel closed",
+            " {total} on the connection; nothing taken for {idle:.0f} s); channel closed",
             label=self.label,
             pending=self._pending,
             total=self._budget.pending,
+            idle=idle,
         )
         self.abortConnection()
 

@@ -36,9 +36,14 @@ from buildbot_sshmux.sshtransport import (
     DropMalformed,
     StrictKeyExchange,
     prefer,
+    send_without_delay,
 )
 
 log = Logger()
+
+# buildbot-worker streams logs without flow control: a channel whose queue
+# passes its limit is closed only once the master has taken nothing for a minute.
+WORKER_FLOW_LIMITS = FlowLimits(stall_timeout=60.0)
 
 
 def backoff(
@@ -219,6 +224,7 @@ class MuxClientTransport(
         super().sendDisconnect(reason, desc)
 
     def connectionMade(self) -> None:
+        send_without_delay(self.transport)
         super().connectionMade()
         self.start_rekey_timer(self.link.reactor)
 
@@ -251,7 +257,7 @@ class MasterLink(service.Service):
         pins: HostKeyPins,
         *,
         username: str = "buildbot-worker",
-        limits: FlowLimits = FlowLimits(),
+        limits: FlowLimits = WORKER_FLOW_LIMITS,
         liveness: Liveness = Liveness(),
         retry_delay: Callable[[int], float] | None = None,
         connect_timeout: float = 30.0,
@@ -466,6 +472,7 @@ class ChannelEndpoint:
                 host=ChannelAddress("TCP", "127.0.0.1", 0, ssh_host=self.link.address),
                 limits=self.link.limits,
                 call_soon=lambda f: self.link.reactor.callLater(0, f),
+                clock=self.link.reactor.seconds,
                 label=self.label,
                 conn=conn,
             )

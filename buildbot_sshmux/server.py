@@ -46,6 +46,7 @@ from buildbot_sshmux.sshtransport import (
     AEADFraming,
     DropMalformed,
     StrictKeyExchange,
+    send_without_delay,
 )
 
 log = Logger()
@@ -193,6 +194,7 @@ class HostAvatar(ConchUser):
             host=local,
             limits=self.server.flow,
             call_soon=lambda f: self.server.reactor.callLater(0, f),
+            clock=self.server.reactor.seconds,
             label=f"host {self.entry.name}",
             remoteWindow=windowSize,
             remoteMaxPacket=maxPacket,
@@ -352,6 +354,7 @@ class MuxServerTransport(
             self.transport.abortConnection()
             return
         factory.connections.add(self)
+        send_without_delay(self.transport)
         self.serial = next(_serials)  # connections is a set: this orders them by age
         self.liveness = factory.liveness
         super().connectionMade()

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import attrs
 from twisted.conch.interfaces import IConchUser
 from twisted.internet import error
 from twisted.internet.interfaces import IPushProducer
@@ -288,6 +289,48 @@ class BackpressureTests(BridgeTestCase):
         self.pair.flush()
         self.assertEqual(channel.pending, 0)
         self.assertEqual(bytes(server.received), b"held")
+
+
+class SlowMasterTests(BridgeTestCase):
+    """The worker side's stall_timeout: a queue past max_buffer closes the
+    channel only once the master has taken nothing for that long."""
+
+    client_limits = attrs.evolve(SMALL, stall_timeout=30.0)
+
+    def test_a_master_that_reads_slowly_keeps_the_channel(self) -> None:
+        client, channel, server, server_channel = self.open_channel()
+        server_channel.pauseProducing()
+        sent = bytearray()
+        for i in range(8 * SMALL.max_buffer // 1000):  # a log stream ignoring pauseProducing
+            chunk = bytes([65 + i % 26]) * 1000
+            channel.write(chunk)
+            sent += chunk
+            self.pair.clock.advance(1)
+            if i % 20 == 19:  # the master takes about a window's worth now and then
+                server_channel.resumeProducing()
+                for _ in range(3):
+                    self.pair.wire.pump()
+                server_channel.pauseProducing()
+        self.assertGreater(channel.pending, SMALL.max_buffer)
+        self.assertFalse(channel.disconnected)
+        server_channel.resumeProducing()
+        self.pair.flush()
+        self.assertEqual(bytes(server.received), bytes(sent))
+        self.assertEqual(client.lost, [])
+
+    def test_a_master_that_takes_nothing_for_stall_timeout_closes_it(self) -> None:
+        client, channel, _server, server_channel = self.open_channel()
+        server_channel.pauseProducing()
+        for _ in range(2 * SMALL.max_buffer // 1000):
+            channel.write(b"x" * 1000)
+            self.pair.flush()
+        self.assertGreater(channel.pending, SMALL.max_buffer)
+        self.assertFalse(channel.disconnected, "closed before the peer stalled for stall_timeout")
+        self.pair.clock.advance(31)
+        channel.write(b"x" * 1000)
+        self.assertTrue(channel.disconnected)
+        self.assertTrue(client.lost[0].check(error.ConnectionAborted))
+        self.assertTrue(self.logs.matching("probe", "not reading", "nothing taken for 31 s"))
 
 
 class ConnectionBudgetTests(BridgeTestCase):
