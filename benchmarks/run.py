@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PNG", help="plot attach time and bulk throughput (needs matplotlib)")
     p.add_argument(
         "--workloads",
-        default="bulk,fairness,memory,attach",
-        help="comma-separated: bulk, fairness, memory, attach, profile (default: all but profile)",
+        default="bulk,fairness,memory,attach,e2e",
+        help="comma-separated: bulk, fairness, memory, attach, e2e, profile (default: all but profile)",
     )
     p.add_argument(
         "--transports", default=",".join(TRANSPORTS), help="comma-separated: plain, sshmux, openssh"
@@ -62,9 +62,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--attach-timeout", type=float, default=30.0, help="seconds to wait for all sessions (default 30)"
     )
     p.add_argument(
+        "--e2e-mib",
+        type=int,
+        default=64,
+        help="MiB per e2e round (upload or log), split across its builds (default 64)",
+    )
+    p.add_argument(
+        "--e2e-sessions", default="1,10", help="e2e builds running at once, one per session (default 1,10)"
+    )
+    p.add_argument(
         "--db-url",
         default="sqlite://",
-        help="the attach master's database (default: sqlite in memory: disk syncs would hide the transport)",
+        help="the attach and e2e master's database (default: sqlite in memory: disk syncs would hide the transport)",
     )
     p.add_argument("--keep", action="store_true", help="keep the work directory (logs, keys, configs)")
     return p.parse_args(argv)
@@ -183,6 +192,41 @@ def attach_seconds(runs: list[dict[str, Any]]) -> float | None:
     return median([INF if f.get("seconds") is None else f["seconds"] for f in runs if "attached" in f])
 
 
+def run_e2e(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    sessions = [int(s) for s in args.e2e_sessions.split(",")]
+    # A round may take 0.5 s per MiB (the OpenSSH tunnel moves one FileUpload at ~6 MB/s).
+    round_timeout = max(120.0, args.e2e_mib * 0.5)
+    limit = 300 + args.reps * len(sessions) * len(E2E_KINDS) * args.e2e_mib * 0.5
+    return {
+        t: run(
+            "e2e",
+            t,
+            limit,
+            sessions=sessions,
+            bytes=args.e2e_mib * MiB,
+            reps=args.reps,
+            db_url=args.db_url,
+            timeout=args.attach_timeout,
+            round_timeout=round_timeout,
+        )
+        for t in transports
+    }
+
+
+E2E_KINDS = {"upload": "FileUpload", "log": "stdout log"}
+
+
+def e2e_rounds(results: dict[str, Any]) -> dict[str, dict[str, dict[str, list[dict[str, Any]]]]]:
+    """{kind: {sessions: {transport: rounds}}} of the e2e workload."""
+    out: dict[str, dict[str, dict[str, list[dict[str, Any]]]]] = {}
+    for t, r in results.get("e2e", {}).items():
+        for kind, by_n in r.get("runs", {}).items():
+            for n, rounds in by_n.items():
+                if rounds:
+                    out.setdefault(kind, {}).setdefault(n, {})[t] = rounds
+    return out
+
+
 def run_profile(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
     """cProfile both sides of one sshmux bulk run."""
     prefix = str(run.root / "profile")
@@ -297,6 +341,21 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
 
         row(f"worker side RSS per added session, KiB ({a}->{b})", "lower",
             {t: slope(by_n) for t, by_n in attach.items()})  # fmt: skip
+
+    e2e = e2e_rounds(results)
+    for key, what, better in (
+        ("mb_per_s", "MB/s", "higher"),
+        ("master_cpu_s_per_gb", "master CPU s/GB", "lower"),
+    ):
+        for kind, by_n in e2e.items():
+            for n, by_t in by_n.items():
+                figures: dict[str, Any] = {}
+                for t, rounds in by_t.items():
+                    failed = sum(1 for f in rounds if "error" in f)
+                    figures[t] = f"FAILED {failed}/{len(rounds)}" if failed else med(rounds, key)
+                sessions = f"{n} session{'s' if n != '1' else ''}"
+                aggregate = " (aggregate)" if n != "1" and key == "mb_per_s" else ""
+                row(f"e2e {E2E_KINDS.get(kind, kind)}, {sessions}, {what}{aggregate}", better, figures)
     return out
 
 
@@ -392,6 +451,11 @@ def notes(
         "attach": f"attach: real Buildbot master (sqlite {'in memory' if args.db_url == 'sqlite://' else args.db_url}),"
         f" 10 workers per builder; t/o = attached/N when the {args.attach_timeout:g} s timeout hit (the median"
         " counts it as infinite).",
+        "e2e": f"e2e: real Buildbot master (as attach), builds worker -> master of {args.e2e_mib} MiB per round,"
+        " split across the sessions' builds running at once: a FileUpload (file checked: size, sha256) or a"
+        " ShellCommand's stdout (checked: bytes, CRC-32); timed at the master from when the round's steps have all"
+        " started (they wait for each other) to the last one's end. CPU: the master process (sshd included for"
+        " OpenSSH).",
     }
     lines = [
         (
@@ -416,6 +480,15 @@ def notes(
     if mem:
         lines.append("memory: streams the master aborted: " + ", ".join(
             f"{TITLES[t]} {runs[0]['aborted_streams']}/{runs[0]['streams']}" for t, runs in mem.items()))  # fmt: skip
+    for kind, by_n in e2e_rounds(results).items():
+        for n, by_t in by_n.items():
+            for t, rounds in by_t.items():
+                failed = [f for f in rounds if "error" in f]
+                if failed:
+                    said = "; ".join(failed[0].get("worker_side", []))
+                    lines.append(f"FAILED e2e {E2E_KINDS.get(kind, kind)} over {TITLES[t]}, {n} session(s): "
+                                 f"{len(failed)} of {len(rounds)} rounds: {failed[0]['error']}"
+                                 + (f" (worker side: {said})" if said else ""))  # fmt: skip
     for transport, why in skipped.items():
         lines.append(f"NOTICE: {TITLES[transport]} column skipped: {why}")
     if errors:
@@ -469,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sshmux-bench-"))
     run = Runner(root)
     workloads = {"bulk": run_bulk, "fairness": run_fairness, "memory": run_memory, "attach": run_attach,
-                 "profile": run_profile}  # fmt: skip
+                 "e2e": run_e2e, "profile": run_profile}  # fmt: skip
     results = {name: workloads[name](run, args, transports) for name in args.workloads.split(",")}
     if args.keep or run.errors:
         print(f"work directory kept (logs, keys, configs): {root}")

@@ -61,6 +61,31 @@ def master_config(site: T.Site, names: list[str], db_url: str) -> dict[str, Any]
     return config
 
 
+async def start_workers(
+    reactor: Any, transport: str, root: Path, site: T.Site, master: Any, names: list[str]
+) -> tuple[common.Child, common.OpenSSH | None, float]:
+    """Start the worker side of ``names`` over ``transport``: (its process, the tunnel, start time).
+
+    The start time is when the sessions start: over OpenSSH, once the tunnel is
+    up (as users run it).
+    """
+    pb_port = T.pb_port(master)
+    openssh = None
+    start = reactor.seconds()
+    if transport == "sshmux":
+        config = site.launcher_config(HOST, T.ssh_port(master), pb_port, names)
+        argv = [sys.executable, "-m", "buildbot_sshmux.cli.ssh_worker", "run", str(config)]
+        return common.Child(reactor, argv, cwd=str(config.parent)), None, start
+    port = pb_port
+    if transport == "openssh":
+        openssh = common.OpenSSH(reactor, root / "openssh", site.identities[HOST])
+        (port,) = await openssh.start([pb_port])
+        start = reactor.seconds()
+    params = {"mode": "workers", "names": names, "port": port, "password": T.WORKER_PASSWORD,
+              "basedir": str(root / "workers")}  # fmt: skip
+    return common.python_child(reactor, "benchmarks.loadgen", params), openssh, start
+
+
 async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> dict[str, Any]:
     n = p["sessions"]
     names = [f"w{i:04d}-{HOST}" for i in range(n)]
@@ -68,24 +93,9 @@ async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> di
     master = await T.start_master(site.master_basedir, master_config(site, names, p["db_url"]), reactor)
     if len(master.botmaster.builders) * PER_BUILDER < n:
         raise RuntimeError(f"the master did not start; see {root / 'master.log'}")
-    pb_port = T.pb_port(master)
     fds_before, rss_before = common.open_fds(), common.rss()
-    openssh = None
     overflows = common.listen_overflows()
-    start = reactor.seconds()
-    if transport == "sshmux":
-        config = site.launcher_config(HOST, T.ssh_port(master), pb_port, names)
-        argv = [sys.executable, "-m", "buildbot_sshmux.cli.ssh_worker", "run", config]
-        workers = common.Child(reactor, argv, cwd=str(config.parent))
-    else:
-        port = pb_port
-        if transport == "openssh":
-            openssh = common.OpenSSH(reactor, root / "openssh", site.identities[HOST])
-            (port,) = await openssh.start([pb_port])
-            start = reactor.seconds()  # the tunnel is up before the workers start, as users run it
-        params = {"mode": "workers", "names": names, "port": port, "password": T.WORKER_PASSWORD,
-                  "basedir": str(root / "workers")}  # fmt: skip
-        workers = common.python_child(reactor, "benchmarks.loadgen", params)
+    workers, openssh, start = await start_workers(reactor, transport, root, site, master, names)
     ready = await common.wait_until(
         reactor, lambda: len(T.ready_workers(master)) >= n or not workers.running, p["timeout"], interval=0.1
     )
