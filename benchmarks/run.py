@@ -49,7 +49,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--transports", default=",".join(TRANSPORTS), help="comma-separated: plain, sshmux, openssh"
     )
     p.add_argument("--reps", type=int, default=3, help="repetitions; the table shows medians (default 3)")
-    p.add_argument("--bulk-mib", type=int, default=256, help="MiB sent per bulk run, split across channels")
+    p.add_argument(
+        "--bulk-mib",
+        type=int,
+        default=1024,
+        help="MiB sent per bulk run, split across channels (default 1024)",
+    )
     p.add_argument("--channels", default="1,10,100", help="bulk channel counts (default 1,10,100)")
     p.add_argument(
         "--profile-channels", type=int, default=1, help="channels of the profiled bulk run (default 1)"
