@@ -23,6 +23,7 @@ place.
 
 from __future__ import annotations
 
+import struct
 import time
 from collections import deque
 from collections.abc import Callable
@@ -460,9 +461,14 @@ class FlowControlledConnection(connection.SSHConnection):
             tcp.registerProducer(self, True)
 
     def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
-        if isinstance(channel, ProtocolChannel) and channel.window_held():
+        """Conch's, but withheld from channels that ask, and without Conch's
+        debug line: Buildbot's master.log writes debug events, and a bulk
+        transfer makes thousands of window adjustments a second."""
+        if channel.localClosed or (isinstance(channel, ProtocolChannel) and channel.window_held()):
             return
-        super().adjustWindow(channel, bytesToAdd)
+        packet = struct.pack(">2L", self.channelsToRemoteChannel[channel], bytesToAdd)
+        self.transport.sendPacket(connection.MSG_CHANNEL_WINDOW_ADJUST, packet)  # type: ignore[union-attr]
+        channel.localWindowLeft += bytesToAdd
 
     def schedule(self, channel: ProtocolChannel) -> None:
         """Give ``channel`` turns until its data or its window runs out."""

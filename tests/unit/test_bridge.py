@@ -259,6 +259,15 @@ class BackpressureTests(BridgeTestCase):
         self.assertEqual(len(server.lost), 1)
         self.assertEqual(self.pair.server_connection.channels, {})
 
+    def test_window_adjustments_flow_and_log_nothing(self) -> None:
+        """Buildbot's master.log takes debug events: Conch's line per window
+        adjustment would be thousands a second in a bulk transfer."""
+        _client, channel, server, _server_channel = self.open_channel()
+        sent = self.write_chunks(channel, 5 * SMALL.window_size // 1000)
+        self.assertEqual(bytes(server.received), sent)  # five windows: adjusted four times at least
+        self.assertEqual(self.logs.matching("adding"), [])
+        self.assertEqual([t for t in self.logs.texts() if "window" in t.lower()], [])
+
     def test_writes_after_abort_are_dropped(self) -> None:
         client, channel, _server, _server_channel = self.open_channel()
         channel.abortConnection()
