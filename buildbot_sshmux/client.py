@@ -185,7 +185,7 @@ class MuxClientConnection(FlowControlledConnection):
 class MuxClientTransport(
     DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming, transport.SSHClientTransport
 ):
-    """Conch's client transport with host key pinning and rekeying."""
+    """Conch's client transport with host key pinning, rekeying, AEAD ciphers first and strict key exchange."""
 
     supportedCiphers = SUPPORTED_CIPHERS
     supportedMACs = SUPPORTED_MACS

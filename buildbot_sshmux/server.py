@@ -320,7 +320,7 @@ class MuxServerConnection(FlowControlledConnection):
 class MuxServerTransport(
     DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming, transport.SSHServerTransport
 ):
-    """Conch's server transport with sshd's limits, rekeying and fast algorithms first."""
+    """Conch's server transport with sshd's limits, rekeying, AEAD ciphers first and strict key exchange."""
 
     supportedCiphers = SUPPORTED_CIPHERS
     supportedMACs = SUPPORTED_MACS
