@@ -27,11 +27,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
+from buildbot_sshmux.aead import AEAD_CIPHERS
 from buildbot_sshmux.authorized_hosts import HostEntry
 from buildbot_sshmux.bridge import ProtocolChannel
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.limits import ServerLimits
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Liveness
+from buildbot_sshmux.sshtransport import AEADFraming, StrictKeyExchange
 
 from .sshharness import (
     HOST_KEY,
@@ -40,6 +42,7 @@ from .sshharness import (
     WORKER_HOST_ADDRESS,
     ExtraLink,
     LogCapture,
+    RawSSHClient,
     SSHPair,
     raw_connect,
     raw_login,
@@ -175,6 +178,33 @@ class GarbageBeforeHandshakeTests(TestCase):
         self.assertNotIn(server, self.factory.connections)
         self.assertEqual(self.guard.attempts, [])
         self.assertEqual(self.flushLoggedErrors(), [])
+
+    @FUZZ
+    @given(data=garbage, cipher=st.sampled_from(AEAD_CIPHERS))
+    def test_garbage_after_an_aead_handshake(self, data: bytes, cipher: bytes) -> None:
+        # The same over each AEAD cipher (strict key exchange too): the length
+        # is read first (chacha20 encrypts it), then the tag checked.
+        client, server, wire = raw_connect(self.factory, self.pair.clock, client=aead_client(cipher))
+        wire.flush()
+        self.assertEqual(server.currentEncryptions.inCipType, cipher)
+        self.assertTrue(server.strict_kex)
+        wire.client_io.write(data)
+        wire.flush()
+        wire.client_io.loseConnection()
+        wire.flush()
+        self.assertFalse(getattr(server, "avatar", None))
+        self.assertNotIn(server, self.factory.connections)
+        self.assertEqual(self.guard.attempts, [])
+        self.assertEqual(self.flushLoggedErrors(), [])
+
+
+def aead_client(cipher: bytes) -> Any:
+    """A `RawSSHClient` with our AEAD framing and strict key exchange, asking for ``cipher``."""
+
+    class AEADRawClient(StrictKeyExchange, AEADFraming, RawSSHClient):  # type: ignore[misc, valid-type]
+        supportedCiphers = [cipher]
+
+    return AEADRawClient()
 
 
 def channel_open(kind: bytes, data: bytes, sender: int = 0) -> bytes:
