@@ -54,6 +54,8 @@ class Launcher(service.MultiService):
             liveness = Liveness(
                 keepalive_interval=master.keepalive_interval,
                 keepalive_count_max=master.keepalive_count_max,
+                rekey_bytes=master.rekey_bytes,
+                rekey_interval=master.rekey_interval,
             )
             link = MasterLink(
                 reactor,

@@ -34,7 +34,7 @@ else:  # pragma: no cover
 
 MASTER_KEYS = {
     "name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file",
-    "pb_port", "username", "keepalive_interval", "keepalive_count_max",
+    "pb_port", "username", "keepalive_interval", "keepalive_count_max", "rekey_bytes", "rekey_interval",
 }  # fmt: skip
 WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
 
@@ -62,6 +62,8 @@ class MasterConfig:
     username: str = "buildbot-worker"
     keepalive_interval: int = 30
     keepalive_count_max: int = 3
+    rekey_bytes: int = 1 << 30
+    rekey_interval: int = 3600
 
 
 @frozen
@@ -142,6 +144,8 @@ def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
         username=str(table.get("username", "buildbot-worker")),
         keepalive_interval=_int(path, where, table, "keepalive_interval", 30),
         keepalive_count_max=_int(path, where, table, "keepalive_count_max", 3),
+        rekey_bytes=_int(path, where, table, "rekey_bytes", 1 << 30),
+        rekey_interval=_int(path, where, table, "rekey_interval", 3600),
     )
 
 

@@ -662,6 +662,8 @@ class StockSSHDTests(Base):
         self.assertIn(pin, text)
         sshd_key = " ".join(sshd_pub.read_text().split()[:2])
         text = text.replace(pin, f'host_key = "{sshd_key}"\nusername = "{user}"')
+        if rekeys:  # the launcher re-keys too, every 16 KiB
+            text = text.replace("[master]\n", "[master]\nrekey_bytes = 16384\n", 1)
         config.write_text(text)
 
         launcher = T.LauncherProcess(config)
@@ -683,6 +685,8 @@ class StockSSHDTests(Base):
         for direction in ("client->server", "server->client"):
             self.assertIn(f"kex: {direction} cipher: {cipher} MAC: {mac}", sshd.text)
         self.assertGreaterEqual(sshd.text.count("ssh_set_newkeys: rekeying"), rekeys, sshd.text[-3000:])
+        if rekeys:
+            self.assertIn("starting key re-exchange", launcher.output())
         # Strict key exchange (Terrapin countermeasure): sshd resets sequence numbers.
         self.assertIn("resetting send seqnr", sshd.text)
         self.assertIn("resetting read seqnr", sshd.text)

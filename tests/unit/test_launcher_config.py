@@ -61,6 +61,30 @@ class LauncherConfigTests(TestCase):
         self.assertEqual(worker.password, "s3cret")
         self.assertEqual(worker.master, master.name)
         self.assertEqual(worker.keepalive, 600)
+        self.assertEqual((master.rekey_bytes, master.rekey_interval), (1 << 30, 3600))
+
+    def test_rekey_limits(self) -> None:
+        config = self.load(
+            """
+            [master]
+            address = "m:22"
+            host_key = "SHA256:abc"
+            identity = "id"
+            rekey_bytes = 65536
+            rekey_interval = 600
+
+            [[worker]]
+            name = "w"
+            password = "p"
+            """
+        )
+        [master] = config.masters
+        self.assertEqual((master.rekey_bytes, master.rekey_interval), (65536, 600))
+        self.assertConfigError(
+            ONE_MASTER.replace("[master]\n", '[master]\nrekey_bytes = "1G"\n', 1),
+            "[master]",
+            "rekey_bytes must be an integer",
+        )
 
     def test_relative_paths_are_resolved_against_the_config_files_directory(self) -> None:
         (self.dir / "pw").write_text("from-a-file\n")
