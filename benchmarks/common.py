@@ -247,8 +247,8 @@ class OpenSSH:
         self.ssh: Child | None = None
         self.cipher = "?"
 
-    def _write_config(self, port: int, user: str) -> tuple[Path, Path]:
-        """sshd_config and known_hosts for a fresh host key; (config, known_hosts)."""
+    def _write_config(self, port: int, user: str, dialled: int) -> tuple[Path, Path]:
+        """sshd_config and known_hosts (for ``dialled``) for a fresh host key; (config, known_hosts)."""
         self.root.mkdir(parents=True, exist_ok=True)
         host_key = self.root / "ssh_host_ed25519_key"
         subprocess.run([SSH_KEYGEN, "-q", "-t", "ed25519", "-N", "", "-f", str(host_key)], check=True)
@@ -261,20 +261,24 @@ class OpenSSH:
             "PermitTTY no\nLogLevel INFO\n"
         )
         known_hosts = self.root / "known_hosts"
-        known_hosts.write_text(f"[127.0.0.1]:{port} {Path(f'{host_key}.pub').read_text()}")
+        known_hosts.write_text(f"[127.0.0.1]:{dialled} {Path(f'{host_key}.pub').read_text()}")
         return config, known_hosts
 
-    async def start(self, targets: Sequence[int]) -> list[int]:
-        """Start sshd and a tunnel; return the local port forwarded to each target port."""
+    async def start(self, targets: Sequence[int], via: Any = None) -> list[int]:
+        """Start sshd and a tunnel; return the local port forwarded to each target port.
+
+        ``via`` (async, port -> port) puts something between ssh and sshd, e.g. a delay.
+        """
         port, user = free_port(), pwd.getpwuid(os.geteuid()).pw_name
-        config, known_hosts = self._write_config(port, user)
+        dialled = await via(port) if via is not None else port
+        config, known_hosts = self._write_config(port, user, dialled)
         self.sshd = Child(self.reactor, [SSHD, "-D", "-e", "-f", config], env=openssh_env())
         await self.sshd.wait_for(f"Server listening on 127.0.0.1 port {port}")
         locals_ = [free_port() for _ in targets]
         forwards = [f"-L127.0.0.1:{local}:127.0.0.1:{target}" for local, target in zip(locals_, targets)]
         # fmt: off
         argv = [
-            SSH, "-F", "/dev/null", "-v", "-N", "-n", "-p", str(port), "-i", self.identity,
+            SSH, "-F", "/dev/null", "-v", "-N", "-n", "-p", str(dialled), "-i", self.identity,
             "-o", "BatchMode=yes", "-o", "IdentitiesOnly=yes", "-o", "IdentityAgent=none",
             "-o", f"UserKnownHostsFile={known_hosts}", "-o", "StrictHostKeyChecking=yes",
             "-o", "ExitOnForwardFailure=yes", *forwards, f"{user}@127.0.0.1",

@@ -42,8 +42,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PNG", help="plot attach time and bulk throughput (needs matplotlib)")
     p.add_argument(
         "--workloads",
-        default="bulk,fairness,memory,attach,e2e",
-        help="comma-separated: bulk, fairness, memory, attach, e2e, profile (default: all but profile)",
+        default="bulk,wan,fairness,memory,attach,e2e",
+        help="comma-separated: bulk, wan, fairness, memory, attach, e2e, profile (default: all but profile)",
     )
     p.add_argument(
         "--transports", default=",".join(TRANSPORTS), help="comma-separated: plain, sshmux, openssh"
@@ -56,6 +56,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="MiB sent per bulk run, split across channels (default 1024)",
     )
     p.add_argument("--channels", default="1,10,100", help="bulk channel counts (default 1,10,100)")
+    p.add_argument(
+        "--wan-rtt-ms", type=float, default=20.0, help="round trip of the wan workload's link (default 20)"
+    )
+    p.add_argument("--wan-mib", type=int, default=64, help="MiB sent per wan run (default 64)")
     p.add_argument(
         "--profile-channels", type=int, default=1, help="channels of the profiled bulk run (default 1)"
     )
@@ -153,6 +157,12 @@ def run_bulk(run: Runner, args: argparse.Namespace, transports: list[str]) -> di
         t: run("bulk", t, 600, channels=channels, bytes=args.bulk_mib * MiB, reps=args.reps)
         for t in transports
     }
+
+
+def run_wan(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    """bulk, through a relay that delays every byte by half the RTT each way."""
+    params = {"channels": [1, 10], "bytes": args.wan_mib * MiB, "reps": args.reps, "rtt_ms": args.wan_rtt_ms}
+    return {t: {**run("bulk", t, 600, **params), "rtt_ms": args.wan_rtt_ms} for t in transports}
 
 
 FAIRNESS = {"channels": 10, "seconds": 3.0, "warmup": 0.5, "gap": 0.005, "timeout": 5.0}
@@ -285,6 +295,15 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         for n in next(iter(bulk.values()), {}).get("runs", {}):
             row(f"bulk, {n} ch, {side} CPU s/GB", "lower",
                 {t: med(r["runs"][n], f"{side}_cpu_s_per_gb") for t, r in bulk.items()})  # fmt: skip
+
+    wan = {t: r for t, r in results.get("wan", {}).items() if "runs" in r}
+    for n in next(iter(wan.values()), {}).get("runs", {}):
+        rtt = next(iter(wan.values()))["rtt_ms"]
+        row(
+            f"bulk over a {rtt:g} ms RTT link, {n} ch, MB/s",
+            "higher",
+            {t: med(r["runs"][n], "mb_per_s") for t, r in wan.items()},
+        )
 
     fair = {t: r["runs"] for t, r in results.get("fairness", {}).items() if "runs" in r}
     if fair:
@@ -448,6 +467,9 @@ def notes(
     explain = {
         "bulk": f"bulk: {args.bulk_mib} MiB worker -> master per run, split over the channels; timed at the master,"
         " first to last byte. CPU: each side's processes, sshd and ssh included for OpenSSH.",
+        "wan": f"wan: bulk ({args.wan_mib} MiB a run) through a relay delaying every byte"
+        f" {args.wan_rtt_ms / 2:g} ms each way (latency only: the relay itself buffers without limit, so TCP's own"
+        " window never binds; an SSH channel's window does).",
         "fairness": f"fairness: PB ping on its own channel, {FAIRNESS['gap'] * 1e3:g} ms apart, for"
         f" {FAIRNESS['seconds']:g} s while {FAIRNESS['channels']} channels of the same connection stream flat out"
         " (plain PB: separate TCP connections).",
@@ -546,7 +568,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"NOTICE: the OpenSSH column is skipped: {why}", flush=True)
     root = Path(tempfile.mkdtemp(prefix="sshmux-bench-"))
     run = Runner(root)
-    workloads = {"bulk": run_bulk, "fairness": run_fairness, "memory": run_memory, "attach": run_attach,
+    workloads = {"bulk": run_bulk, "wan": run_wan, "fairness": run_fairness, "memory": run_memory, "attach": run_attach,
                  "e2e": run_e2e, "profile": run_profile}  # fmt: skip
     results = {name: workloads[name](run, args, transports) for name in args.workloads.split(",")}
     if args.keep or run.errors:

@@ -24,6 +24,7 @@ from twisted.internet import defer, error, protocol
 from twisted.spread import pb
 
 from benchmarks import common
+from benchmarks.delay import DelayRelay
 from buildbot_sshmux.authorized_hosts import HostEntry
 from buildbot_sshmux.keys import generate_ed25519, load_private_key, public_line, write_private_key
 from buildbot_sshmux.server import HostAvatar, HostRealm, SSHMuxFactory
@@ -163,10 +164,12 @@ class BenchSSHFactory(SSHMuxFactory):
 class DataServer:
     """`BenchFactory` reachable over one transport, and its worker-side processes."""
 
-    def __init__(self, reactor: Any, transport: str, root: Path) -> None:
+    def __init__(self, reactor: Any, transport: str, root: Path, rtt: float = 0.0) -> None:
         self.reactor = reactor
         self.transport = transport
         self.root = root
+        self.rtt = rtt  # seconds: with more than 0, the worker side reaches the master through a DelayRelay
+        self.relays: list[DelayRelay] = []
         self.bench = BenchFactory()
         self.openssh: common.OpenSSH | None = None
         self.listening: list[Any] = []
@@ -182,10 +185,10 @@ class DataServer:
         self.listening.append(tcp)
         port = tcp.getHost().port
         if self.transport == "plain":
-            self.spec = {"kind": "tcp", "port": port}
+            self.spec = {"kind": "tcp", "port": await self.far(port)}
         elif self.transport == "openssh":
             self.openssh = common.OpenSSH(self.reactor, self.root / "openssh", identity)
-            (local,) = await self.openssh.start([port])
+            (local,) = await self.openssh.start([port], via=self.far)
             self.spec = {"kind": "tcp", "port": local}
             self.algorithms = self.openssh.cipher
         else:
@@ -197,9 +200,17 @@ class DataServer:
             )
             self.listening.append(ssh)
             self.spec = {
-                "kind": "sshmux", "ssh_port": ssh.getHost().port, "host_key": public_line(host_key),
+                "kind": "sshmux", "ssh_port": await self.far(ssh.getHost().port), "host_key": public_line(host_key),
                 "identity": str(identity), "target": port,
             }  # fmt: skip
+
+    async def far(self, port: int) -> int:
+        """The port the worker side dials for ``port``: behind a DelayRelay when there is an RTT."""
+        if self.rtt <= 0:
+            return port
+        relay = DelayRelay(self.reactor, port, self.rtt / 2)
+        self.relays.append(relay)
+        return await relay.start()
 
     def helper_cpu(self) -> tuple[float, float]:
         """CPU seconds so far of the helpers on (the master's side, the worker's side)."""
@@ -213,5 +224,7 @@ class DataServer:
     async def stop(self) -> None:
         for port in self.listening:
             await port.stopListening()
+        for relay in self.relays:
+            await relay.stop()
         if self.openssh is not None:
             await self.openssh.stop()

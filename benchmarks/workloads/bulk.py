@@ -16,7 +16,7 @@ from benchmarks.server import DataServer, Sink
 
 
 async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> dict[str, Any]:
-    server = DataServer(reactor, transport, root)
+    server = DataServer(reactor, transport, root, rtt=p.get("rtt_ms", 0) / 1000)
     await server.start()
     runs: dict[str, list[dict[str, float]]] = {str(n): [] for n in p["channels"]}
     try:
