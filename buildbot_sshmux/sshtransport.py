@@ -180,6 +180,7 @@ class StrictKeyExchange:
     advertise_strict_kex = True
     strict_kex = False
     _initial_kex_done = False
+    _only_kex_messages = False  # strict, and the first NEWKEYS not yet received
 
     def sendKexInit(self) -> None:
         t: Any = self
@@ -198,26 +199,29 @@ class StrictKeyExchange:
         if t.sessionID is None and not self._initial_kex_done:
             peer_marker = KEX_STRICT_SERVER if t.isClient else KEX_STRICT_CLIENT
             if self.advertise_strict_kex and peer_marker in getNS(packet[16:])[0].split(b","):
-                self.strict_kex = True
+                self.strict_kex = self._only_kex_messages = True
                 if t.incomingPacketSequence != 1:
                     self._violation(b"KEXINIT was not the first packet")
                     return None
         return super().ssh_KEXINIT(packet)  # type: ignore[misc]
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
-        t: Any = self
-        if self.strict_kex:
-            if not self._initial_kex_done and not _key_exchange_message(messageNum):
-                self._violation(b"message %d during the initial key exchange" % messageNum)
-                return
-            if messageNum == transport.MSG_NEWKEYS:
-                t.incomingPacketSequence = 0
-                self._initial_kex_done = True
+        if self._only_kex_messages and not _key_exchange_message(messageNum):
+            self._violation(b"message %d during the initial key exchange" % messageNum)
+            return
         super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
 
-    def sendPacket(self, messageType: int, payload: bytes) -> None:
-        super().sendPacket(messageType, payload)  # type: ignore[misc]
-        if self.strict_kex and messageType == transport.MSG_NEWKEYS:
+    def ssh_NEWKEYS(self, packet: bytes) -> None:
+        t: Any = self
+        if self.strict_kex:
+            t.incomingPacketSequence = 0  # the packet after this one is number 0
+            self._only_kex_messages = False
+        self._initial_kex_done = True
+        super().ssh_NEWKEYS(packet)  # type: ignore[misc]
+
+    def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
+        super()._keySetup(sharedSecret, exchangeHash)  # type: ignore[misc]
+        if self.strict_kex:  # Conch's _keySetup ends by sending our NEWKEYS
             self.outgoingPacketSequence = 0
 
     def _violation(self, what: bytes) -> None:

@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.conch.ssh import keys, userauth
+from twisted.conch.ssh.channel import SSHChannel
 from twisted.cred import checkers, portal
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
@@ -54,13 +55,14 @@ class Wire:
     def pump(self) -> bool:
         """Move what is waiting once; True if anything moved."""
         self.clock.advance(0)
-        moved = False
         out = self.client_io.getOutBuffer()
         if out:
             self._to_server.append(out)
         out = self.server_io.getOutBuffer()
         if out:
             self._to_client.append(out)
+        self._drop_to_closed()
+        moved = False
         if self._to_server and not self.hold_to_server:
             data, self._to_server = b"".join(self._to_server), []
             self.server_io.bufferReceived(data)
@@ -69,8 +71,12 @@ class Wire:
             data, self._to_client = b"".join(self._to_client), []
             self.client_io.bufferReceived(data)
             moved = True
-        if moved:
-            return True
+        return moved or self._disconnect()
+
+    def _drop_to_closed(self) -> None:
+        """What reaches a side that closed (nothing here: see ClosingWire)."""
+
+    def _disconnect(self) -> bool:
         # Like iosim.IOPump: a side that asked to disconnect is disconnected
         # once its output has been delivered.
         if self.server_io.disconnecting and not self.server_io.disconnected:
@@ -404,44 +410,38 @@ class ClosingWire(Wire):
     """A `Wire` that, like a real TCP transport, stops delivering to a side once
     it called loseConnection/abortConnection (a real socket stops reading)."""
 
-    def pump(self) -> bool:
-        self.clock.advance(0)
-        moved = False
-        out = self.client_io.getOutBuffer()
-        if out:
-            self._to_server.append(out)
-        out = self.server_io.getOutBuffer()
-        if out:
-            self._to_client.append(out)
+    def _drop_to_closed(self) -> None:
         if self.server_io.disconnecting:
             self._to_server = []
         if self.client_io.disconnecting:
             self._to_client = []
-        if self._to_server and not self.hold_to_server:
-            data, self._to_server = b"".join(self._to_server), []
-            self.server_io.bufferReceived(data)
-            moved = True
-        if self._to_client and not self.hold_to_client:
-            data, self._to_client = b"".join(self._to_client), []
-            self.client_io.bufferReceived(data)
-            moved = True
-        if moved:
-            return True
-        if self.server_io.disconnecting and not self.server_io.disconnected:
-            self.server_io.disconnected = True
-            self.server_io.reportDisconnect()
-            if not self.client_io.disconnected:
-                self.client_io.disconnecting = self.client_io.disconnected = True
-                self.client_io.reportDisconnect()
-            return True
-        if self.client_io.disconnecting and not self.client_io.disconnected:
-            self.client_io.disconnected = True
-            self.client_io.reportDisconnect()
-            if not self.server_io.disconnected:
-                self.server_io.disconnecting = self.server_io.disconnected = True
-                self.server_io.reportDisconnect()
-            return True
+
+    def _disconnect(self) -> bool:
+        for closing, other in ((self.server_io, self.client_io), (self.client_io, self.server_io)):
+            if closing.disconnecting and not closing.disconnected:
+                closing.disconnected = True
+                closing.reportDisconnect()
+                if not other.disconnected:
+                    other.disconnecting = other.disconnected = True
+                    other.reportDisconnect()
+                return True
         return False
+
+
+class ProbeChannel(SSHChannel):
+    """A raw client channel that records whether the server opened or refused it."""
+
+    def __init__(self, name: bytes = b"direct-tcpip", **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.name = name
+        self.opened = False
+        self.refusals: list[Any] = []
+
+    def channelOpen(self, specificData: bytes) -> None:
+        self.opened = True
+
+    def openFailed(self, reason: Any) -> None:
+        self.refusals.append(reason)
 
 
 class RecordingService:

@@ -13,7 +13,6 @@ from typing import Any
 from buildbot.config.errors import capture_config_errors
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import forwarding, userauth
-from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.common import NS
 from twisted.conch.ssh.connection import OPEN_RESOURCE_SHORTAGE
 from twisted.internet import protocol
@@ -34,6 +33,7 @@ from .sshharness import (
     WORKER_HOST_ADDRESS,
     ExtraLink,
     LogCapture,
+    ProbeChannel,
     SSHPair,
     flush_all,
     raw_connect,
@@ -240,21 +240,6 @@ class MaxAuthTriesTests(TestCase):
         self.try_keys(OTHER_KEY)
         [failure] = self.client.auth.replies(userauth.MSG_USERAUTH_FAILURE)
         self.assertEqual(failure, NS(b"publickey") + b"\x00")
-
-
-class ProbeChannel(SSHChannel):
-    name = b"direct-tcpip"
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.opened = False
-        self.refusals: list[Any] = []
-
-    def channelOpen(self, specificData: bytes) -> None:
-        self.opened = True
-
-    def openFailed(self, reason: Any) -> None:
-        self.refusals.append(reason)
 
 
 class MaxChannelsTests(TestCase):

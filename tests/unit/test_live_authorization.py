@@ -13,7 +13,6 @@ from typing import Any
 import attrs
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import forwarding
-from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.connection import OPEN_RESOURCE_SHORTAGE
 from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
@@ -35,6 +34,7 @@ from .sshharness import (
     WORKER_HOST_ADDRESS,
     ExtraLink,
     LogCapture,
+    ProbeChannel,
     SSHPair,
     connect_from,
     flush_all,
@@ -71,23 +71,6 @@ def login(
     d = factory.login(credentials.UsernamePassword(name.encode(), password))
     flush()
     return factory, d
-
-
-class ProbeChannel(SSHChannel):
-    """A raw client channel recording whether the server opened or refused it."""
-
-    name = b"direct-tcpip"
-
-    def __init__(self, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.opened = False
-        self.refusals: list[Any] = []
-
-    def channelOpen(self, specificData: bytes) -> None:
-        self.opened = True
-
-    def openFailed(self, reason: Any) -> None:
-        self.refusals.append(reason)
 
 
 class FromAtLoginTests(TestCase):

@@ -12,7 +12,6 @@ from typing import Any
 
 from twisted.conch.error import ConchError
 from twisted.conch.ssh import common, forwarding
-from twisted.conch.ssh.channel import SSHChannel
 from twisted.conch.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
@@ -40,25 +39,10 @@ from .sshharness import (
     PB_PORT,
     WORKER_HOST_ADDRESS,
     LogCapture,
+    ProbeChannel,
     SSHPair,
     pb_portal,
 )
-
-
-class ProbeChannel(SSHChannel):
-    """A raw client channel that records whether the server opened or refused it."""
-
-    def __init__(self, name: bytes, **kwargs: Any) -> None:
-        super().__init__(**kwargs)
-        self.name = name
-        self.opened = False
-        self.refusals: list[ConchError] = []
-
-    def channelOpen(self, specificData: bytes) -> None:
-        self.opened = True
-
-    def openFailed(self, reason: Any) -> None:
-        self.refusals.append(reason)
 
 
 class CountingFactory(protocol.Factory):
