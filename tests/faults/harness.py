@@ -15,7 +15,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from buildbot.process.results import Results
 from twisted.internet import defer, reactor
 
 from buildbot_sshmux import testing as T
@@ -162,34 +161,7 @@ class FaultCase(RealMasterCase):
             with_keepalive(config, *keepalive)
         return self.start_launcher(config)
 
-    def start_launcher(self, config: Path) -> T.LauncherProcess:
-        launcher = T.LauncherProcess(config)
-        launcher.start()
-        self.launchers.append(launcher)
-        self.addCleanup(lambda: defer.ensureDeferred(T.stop_launcher(reactor, launcher)))
-        return launcher
-
     # -- waiting and asserting ---------------------------------------------------
-
-    def diagnostics(self) -> str:
-        parts = [f"test directory: {self.root} (set SSHMUX_KEEP_TMP=1 to keep it)"]
-        if self.master is not None and not getattr(self.master, "_fault_stopped", False):
-            parts.append(f"attached now: {sorted(T.attached_workers(self.master))}")
-        seen = set()
-        for launcher in self.launchers:
-            if launcher.log_path in seen:
-                continue
-            seen.add(launcher.log_path)
-            code = launcher.process.poll() if launcher.process else None
-            tail = "\n".join(launcher.output().splitlines()[-30:])
-            parts.append(f"--- {launcher.log_path} (exit code {code}), last lines:\n{tail}")
-        return "\n".join(parts)
-
-    async def wait_for(self, predicate: Any, timeout: float, what: str, interval: float = 0.1) -> float:
-        try:
-            return await T.wait_until(reactor, predicate, timeout, what, interval)
-        except TimeoutError as e:
-            raise self.failureException(f"{e}\n{self.diagnostics()}") from None
 
     async def wait_attached(self, names: Iterable[str], timeout: float = 30.0, master: Any = None) -> float:
         m = master or self.master
@@ -206,28 +178,6 @@ class FaultCase(RealMasterCase):
         return await self.wait_for(
             lambda: wanted <= T.ready_workers(m), timeout, f"{len(wanted)} workers to be ready"
         )
-
-    async def wait_detached(self, names: Iterable[str], timeout: float = 30.0) -> float:
-        gone = set(names)
-        return await self.wait_for(
-            lambda: not gone & T.attached_workers(self.master), timeout, f"{sorted(gone)} to detach"
-        )
-
-    def assertAlive(self, launcher: T.LauncherProcess) -> None:
-        assert launcher.process is not None
-        if launcher.process.poll() is not None:
-            self.fail(
-                f"launcher {launcher.config} exited ({launcher.process.returncode})\n{self.diagnostics()}"
-            )
-
-    async def assertBuildsGreen(self, requests: Sequence[tuple[str, str]]) -> None:
-        results = await T.run_builds(self.master, requests)
-        named = {f"{b} on {h}": Results[r] for (b, h), r in zip(requests, results, strict=True)}
-        self.assertEqual(named, {k: "success" for k in named}, self.diagnostics())
-
-    def connections(self, names: Iterable[str]) -> dict[str, Any]:
-        conns = self.master.workers.connections
-        return {n: conns[n] for n in names if n in conns}
 
     def ssh_connections(self, host: str) -> list[Any]:
         """The master's SSH transports of one worker host (authenticated)."""

@@ -29,11 +29,6 @@ PROJECTS = ["alpha", "beta", "gamma", "delta"]
 EXPECTED_SHA = hashlib.sha256("".join(f"{n}\n" for n in range(1, LINES + 1)).encode()).hexdigest()
 
 
-def stdout_lines(content: str) -> list[str]:
-    """The stdout lines of a Buildbot stdio log ('o' lines; 'h' and 'e' dropped)."""
-    return [line[1:] for line in content.splitlines() if line.startswith("o")]
-
-
 class CutMidBuildTenTimes(FaultCase):
     timeout = 240
 
@@ -152,11 +147,7 @@ class CutMidBuildTenTimes(FaultCase):
             await task.deferLater(reactor, 0.2, lambda: None)
 
     async def assert_log_complete(self, build: dict[str, Any]) -> None:
-        log = await self.master.data.get(
-            ("builds", build["buildid"], "steps", "build", "logs", "stdio", "contents")
-        )
-        self.assertIsNotNone(log, f"build {build['buildid']}: no stdio log")
-        lines = stdout_lines(log["content"])
+        lines = await T.build_stdout(self.master, build)
         numbers, tail = lines[:LINES], lines[LINES:]
         expected = [str(n) for n in range(1, LINES + 1)]
         if numbers != expected:

@@ -27,7 +27,6 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from buildbot.process.results import Results
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
 
@@ -151,11 +150,7 @@ class KeysTestCase(RealMasterCase):
                 f'password = "{T.WORKER_PASSWORD.format(name=name)}"', f'password = "{password}"'
             )
         path.write_text(text)
-        launcher = T.LauncherProcess(path)
-        launcher.start()
-        self.launchers.append(launcher)
-        self.addCleanup(lambda: defer.ensureDeferred(T.stop_launcher(reactor, launcher)))
-        return launcher
+        return self.start_launcher(path)
 
     async def run_admin(self, *argv: str) -> str:
         """Run ``buildbot-sshmux ARGV`` as a child process (without blocking the reactor)."""
@@ -171,61 +166,15 @@ class KeysTestCase(RealMasterCase):
 
     # -- waiting and asserting -------------------------------------------------
 
-    def diagnostics(self) -> str:
-        parts = [f"test directory: {self.root} (set SSHMUX_KEEP_TMP=1 to keep it)"]
-        if self.master is not None:
-            parts.append(f"attached now: {sorted(T.attached_workers(self.master))}")
+    def extra_diagnostics(self) -> list[str]:
         sshmux = [line.rstrip() for line in self.log.lines if "sshmux" in line]
-        parts.append("--- master log, buildbot_sshmux lines (last 30):\n" + "\n".join(sshmux[-30:]))
-        for launcher in self.launchers:
-            code = launcher.process.poll() if launcher.process else None
-            tail = "\n".join(launcher.output().splitlines()[-30:])
-            parts.append(f"--- {launcher.config} (exit code {code}), last lines:\n{tail}")
-        return "\n".join(parts)
-
-    async def wait_for(self, predicate: Any, timeout: float, what: str) -> float:
-        try:
-            return await T.wait_until(reactor, predicate, timeout, what)
-        except TimeoutError as e:
-            raise self.failureException(f"{e}\n{self.diagnostics()}") from None
+        return ["--- master log, buildbot_sshmux lines (last 30):\n" + "\n".join(sshmux[-30:])]
 
     async def wait_attached(self, names: Iterable[str], timeout: float = 30.0) -> float:
         wanted = set(names)
         return await self.wait_for(
             lambda: wanted <= T.attached_workers(self.master), timeout, f"{sorted(wanted)} to attach"
         )
-
-    async def wait_detached(self, names: Iterable[str], timeout: float = 30.0) -> float:
-        gone = set(names)
-        return await self.wait_for(
-            lambda: not gone & T.attached_workers(self.master), timeout, f"{sorted(gone)} to detach"
-        )
-
-    async def assertStaysDetached(self, names: Iterable[str], seconds: float) -> None:
-        """None of ``names`` attaches at any moment of the next ``seconds``."""
-        names = set(names)
-        try:
-            await T.wait_until(reactor, lambda: bool(names & T.attached_workers(self.master)), seconds, "")
-        except TimeoutError:
-            return
-        self.fail(f"{sorted(names & T.attached_workers(self.master))} attached\n{self.diagnostics()}")
-
-    def assertAlive(self, launcher: T.LauncherProcess) -> None:
-        assert launcher.process is not None
-        if launcher.process.poll() is not None:
-            self.fail(
-                f"launcher {launcher.config} exited ({launcher.process.returncode})\n{self.diagnostics()}"
-            )
-
-    async def assertBuildsGreen(self, requests: Sequence[tuple[str, str]]) -> None:
-        results = await T.run_builds(self.master, requests)
-        named = {f"{b} on {h}": Results[r] for (b, h), r in zip(requests, results)}
-        self.assertEqual(named, {k: "success" for k in named}, self.diagnostics())
-
-    def connections(self, names: Iterable[str]) -> dict[str, Any]:
-        """The master's connection object of each attached worker."""
-        conns = self.master.workers.connections
-        return {n: conns[n] for n in names if n in conns}
 
     def ssh_transports(self) -> dict[str, Any]:
         """The master's live SSH transports, by authenticated host name."""

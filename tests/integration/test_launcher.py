@@ -66,29 +66,9 @@ class LauncherTestCase(RealMasterCase):
         if master_options:
             extra = "".join(f"{key} = {value}\n" for key, value in master_options.items())
             config.write_text(config.read_text().replace("[master]\n", f"[master]\n{extra}", 1))
-        launcher = T.LauncherProcess(config)
-        launcher.start()
-        self.launchers.append(launcher)
-        self.addCleanup(lambda: defer.ensureDeferred(T.stop_launcher(reactor, launcher)))
-        return launcher
+        return self.start_launcher(config)
 
     # -- waiting and asserting -------------------------------------------------
-
-    def diagnostics(self) -> str:
-        parts = [f"test directory: {self.root} (set SSHMUX_KEEP_TMP=1 to keep it)"]
-        if self.master is not None:
-            parts.append(f"attached now: {sorted(T.attached_workers(self.master))}")
-        for launcher in self.launchers:
-            code = launcher.process.poll() if launcher.process else None
-            tail = "\n".join(launcher.output().splitlines()[-40:])
-            parts.append(f"--- {launcher.config} (exit code {code}), last lines:\n{tail}")
-        return "\n".join(parts)
-
-    async def wait_for(self, predicate: Any, timeout: float, what: str) -> float:
-        try:
-            return await T.wait_until(reactor, predicate, timeout, what)
-        except TimeoutError as e:
-            raise self.failureException(f"{e}\n{self.diagnostics()}") from None
 
     async def wait_attached(self, names: Iterable[str], timeout: float = 30.0) -> float:
         """Wait until Buildbot has finished attaching each worker (to its builders too)."""
@@ -107,41 +87,10 @@ class LauncherTestCase(RealMasterCase):
                     return False
         return True
 
-    async def wait_detached(self, names: Iterable[str], timeout: float = 30.0) -> float:
-        gone = set(names)
-        return await self.wait_for(
-            lambda: not gone & T.attached_workers(self.master), timeout, f"{sorted(gone)} to detach"
-        )
-
-    async def assertStaysDetached(self, name: str, seconds: float) -> None:
-        """``name`` does not attach at any moment of the next ``seconds``."""
-        try:
-            await T.wait_until(reactor, lambda: name in T.attached_workers(self.master), seconds, "")
-        except TimeoutError:
-            return
-        self.fail(f"{name} attached\n{self.diagnostics()}")
-
-    def assertAlive(self, launcher: T.LauncherProcess) -> None:
-        assert launcher.process is not None
-        if launcher.process.poll() is not None:
-            self.fail(
-                f"launcher {launcher.config} exited ({launcher.process.returncode})\n{self.diagnostics()}"
-            )
-
-    async def assertBuildsGreen(self, requests: Sequence[tuple[str, str]]) -> None:
-        results = await T.run_builds(self.master, requests)
-        named = {f"{b} on {h}": Results[r] for (b, h), r in zip(requests, results, strict=True)}
-        self.assertEqual(named, {k: "success" for k in named}, self.diagnostics())
-
     def usable(self, names: Iterable[str]) -> bool:
         """Whether each worker is attached and Buildbot's Worker holds that very connection."""
         conns, workers = self.master.workers.connections, self.master.workers.workers
         return all(n in conns and workers[n].conn is conns[n] for n in names)
-
-    def connections(self, names: Iterable[str]) -> dict[str, Any]:
-        """The master's connection object of each attached worker."""
-        conns = self.master.workers.connections
-        return {n: conns[n] for n in names if n in conns}
 
 
 class FiftySessionsOneConnection(LauncherTestCase):
@@ -394,7 +343,7 @@ class MasterShutsOneSessionDown(LauncherTestCase):
         self.assertEqual(self.connections(others), kept, "the other sessions must not re-attach")
         await self.assertBuildsGreen([(p, "hosta") for p in projects[1:]])
         # The session stays stopped: it does not log in again.
-        await self.assertStaysDetached(victim, 3)
+        await self.assertStaysDetached([victim], 3)
         self.assertEqual(self.connections(others), kept)
         self.assertAlive(launcher)
         self.assertEqual(T.established_tcp(T.ssh_port(master)), 1)
@@ -480,7 +429,7 @@ class UnauthorizedWorkerName(LauncherTestCase):
         self.assertEqual(self.connections(own).keys(), set(own))
 
         await self.assertBuildsGreen([(p, "hosta") for p in projects])
-        await self.assertStaysDetached(foreign, 2)
+        await self.assertStaysDetached([foreign], 2)
         self.assertLessEqual(set(own), T.attached_workers(master))
         self.assertAlive(launcher)
         figures(

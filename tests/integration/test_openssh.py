@@ -220,6 +220,19 @@ class Base(unittest.TestCase):
         self.addCleanup(lambda: defer.ensureDeferred(T.stop_master(master)))
         return master
 
+    async def attach_worker(self, master: Any, port: int, label: str = WORKER) -> Any:
+        """An unmodified buildbot-worker `Worker` dialling 127.0.0.1:port, once it
+        is attached; stopped at clean-up if still running."""
+        from buildbot_worker.bot import Worker
+
+        basedir = self.root / "worker" / label
+        basedir.mkdir(parents=True)
+        worker = Worker("127.0.0.1", port, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0)
+        worker.startService()
+        self.addCleanup(lambda: worker.stopService() if worker.running else None)
+        await T.wait_until(reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach")
+        return worker
+
     def known_hosts(self, ssh_port: int) -> Path:
         path = self.root / "known_hosts"
         path.write_text(f"[127.0.0.1]:{ssh_port} {self.site.host_key_line}\n")
@@ -296,7 +309,6 @@ class StockSSHClientTests(Base):
         return defer.ensureDeferred(self._forward_runs_build())
 
     async def _forward_runs_build(self) -> None:
-        from buildbot_worker.bot import Worker
 
         stops: list[tuple[Any, ...]] = []
         self.patch(reactor, "stop", lambda *a: stops.append(a))
@@ -308,13 +320,7 @@ class StockSSHClientTests(Base):
         ssh, (local,) = await self.forward(ssh_port, self.site.identities[HOST], [("localhost", pb_port)])
         self.assertEqual(sshmux.connection_count, 1)
 
-        basedir = self.root / "worker" / WORKER
-        basedir.mkdir(parents=True)
-        worker = Worker("127.0.0.1", local, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0)
-        worker.startService()
-        self.addCleanup(worker.stopService)
-
-        await T.wait_until(reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach")
+        await self.attach_worker(master, local)
         self.assertEqual(await T.run_builds(master, [(PROJECT, HOST)]), [SUCCESS])
 
         # One SSH connection; the worker's PB connection is a channel inside it,
@@ -344,7 +350,6 @@ class StockSSHClientTests(Base):
 
     async def _keepalive_and_rekey(self) -> None:
         """Our keepalives and rekeys against ssh's ServerAlive* and RekeyLimit, both ways."""
-        from buildbot_worker.bot import Worker
         from twisted.internet import task
 
         self.patch(reactor, "stop", lambda *a: None)
@@ -365,12 +370,7 @@ class StockSSHClientTests(Base):
         alive = ["-o", "ServerAliveInterval=1", "-o", "ServerAliveCountMax=2", "-o", "RekeyLimit=1G 2"]
         ssh, (local,) = await self.forward_with(ssh_port, alive, [("localhost", pb_port)])
 
-        basedir = self.root / "worker" / WORKER
-        basedir.mkdir(parents=True)
-        worker = Worker("127.0.0.1", local, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0)
-        worker.startService()
-        self.addCleanup(worker.stopService)
-        await T.wait_until(reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach")
+        await self.attach_worker(master, local)
         results = await T.run_builds(master, [(PROJECT, HOST), (PROJECT, HOST)])
         self.assertEqual(results, [SUCCESS, SUCCESS])
 
@@ -393,7 +393,6 @@ class StockSSHClientTests(Base):
     async def _aead_ciphers(self) -> None:
         """ssh asks for each AEAD cipher in turn, with strict key exchange; a
         build's log crosses re-exchanges started by either side."""
-        from buildbot_worker.bot import Worker
 
         self.patch(reactor, "stop", lambda *a: None)
         self.site = T.Site(self.root, [HOST])
@@ -422,15 +421,7 @@ class StockSSHClientTests(Base):
             self.assertIn("resetting send seqnr", ssh.text)
             self.assertIn("resetting read seqnr", ssh.text)
 
-            basedir = self.root / "worker" / cipher
-            basedir.mkdir(parents=True)
-            worker = Worker(
-                "127.0.0.1", local, WORKER, T.WORKER_PASSWORD.format(name=WORKER), str(basedir), 0
-            )
-            worker.startService()
-            await T.wait_until(
-                reactor, lambda: WORKER in T.attached_workers(master), 30, f"{WORKER} to attach"
-            )
+            worker = await self.attach_worker(master, local, cipher)
             [brid] = await T.force_builds(master, [(PROJECT, HOST)])
             self.assertEqual(await T.buildrequest_results(master, [brid]), [SUCCESS])
             [build] = await T.builds_of_request(master, brid)
