@@ -328,6 +328,7 @@ class StockSSHClientTests(Base):
         # connection ever reaches the PB port.
         self.assertEqual(sshmux.connection_count, 1)
         (transport,) = sshmux.factory.connections
+        self.assertTrue(transport.transport.getTcpNoDelay())
         peer = transport.transport.getPeer()
         self.assertEqual(peer.host, "127.0.0.1")
         self.assertNotEqual(peer.port, local)

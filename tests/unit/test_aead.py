@@ -8,10 +8,13 @@ tests/integration/test_openssh.py.
 from __future__ import annotations
 
 import struct
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from twisted.conch.ssh import transport as ssh_transport
+from twisted.internet import defer
+from twisted.test.iosim import FakeTransport
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.aead import AESGCMCipher, ChaCha20Poly1305Cipher, RandomPadding, padding_length
@@ -207,21 +210,27 @@ class FramingTests(TestCase):
             self.assertEqual(self.successResultOf(d), "x" * 50_000)
             pair.close()
 
+    def held_to_master(self, pair: SSHPair, value: str) -> tuple[defer.Deferred[Any], bytes]:
+        """Echo ``value`` from a worker session, keeping the bytes it sends for
+        the test to deliver; the wire then carries on as usual."""
+        session = EchoSession(self, pair)
+        wire = pair.wire
+        wire.hold_to_server = True
+        d = session.echo(value)
+        wire.pump()
+        data, wire._to_server = b"".join(wire._to_server), []
+        wire.hold_to_server = False
+        return d, data
+
     def test_a_packet_split_anywhere_is_reassembled(self) -> None:
         for cipher in (GCM128, CHACHA):
             self.split_reads(cipher)
 
     def split_reads(self, cipher: bytes) -> None:
         pair = self.start([cipher])
-        session = EchoSession(self, pair)
-        wire = pair.wire
-        wire.hold_to_server = True
-        d = session.echo("y" * 40_000)
-        wire.pump()
-        data, wire._to_server = b"".join(wire._to_server), []
+        d, data = self.held_to_master(pair, "y" * 40_000)
         for i in range(0, len(data), 7):  # 7-byte reads
             pair.server.dataReceived(data[i : i + 7])
-        wire.hold_to_server = False
         pair.flush()
         self.assertEqual(self.successResultOf(d), "y" * 40_000)
         pair.close()
@@ -229,16 +238,10 @@ class FramingTests(TestCase):
     def tampered(self, change: int, cipher: bytes = GCM128) -> None:
         """Flip one byte ``change`` bytes into the next packet to the master."""
         pair = self.start([cipher])
-        session = EchoSession(self, pair)
-        wire = pair.wire
-        wire.hold_to_server = True
-        d = session.echo("z" * 100)
-        wire.pump()
-        data = bytearray(b"".join(wire._to_server))
-        wire._to_server = []
+        d, sent = self.held_to_master(pair, "z" * 100)
+        data = bytearray(sent)
         data[change] ^= 0x01
         pair.server.dataReceived(bytes(data))
-        wire.hold_to_server = False
         pair.flush()
         self.assertIsNone(pair.link._transport, "the master kept a tampered connection")
         self.failureResultOf(d)  # the session saw its connection go
@@ -345,3 +348,15 @@ class StrictKexTests(TestCase):
     def test_a_message_during_the_initial_exchange_is_refused(self) -> None:
         self.refused("ssh_KEXINIT")
         self.assertTrue(self.logs.matching("strict KEX violation: message 2 during the initial key exchange"))
+
+
+class NoDelayTests(TestCase):
+    def test_both_ends_set_tcp_nodelay(self) -> None:
+        calls: list[tuple[object, bool]] = []
+        self.patch(FakeTransport, "setTcpNoDelay", lambda t, enabled: calls.append((t, enabled)))
+        pair = tune(SSHPair(self), liveness=NO_KEEPALIVE, client_liveness=NO_KEEPALIVE)
+        pair.start()
+        self.assertEqual(
+            sorted(calls, key=lambda c: c[0] is pair.server.transport),
+            [(pair.client_transport().transport, True), (pair.server.transport, True)],
+        )
