@@ -105,8 +105,9 @@ METER: Meter | None = None
 """The current round's `Meter` (one workload per process)."""
 
 
-class TimedUpload:
-    """Mixed into `FileUpload`: time ``run()`` and say where the file went."""
+class Timed:
+    """Mixed into a step: ``run()`` waits for the round's other steps, is timed,
+    and reports to the round's `Meter`."""
 
     @defer.inlineCallbacks
     def run(self) -> Any:
@@ -116,15 +117,30 @@ class TimedUpload:
         start = yield meter.begin()
         try:
             result = yield super().run()  # type: ignore[misc]
+            yield self.finished()
         except Exception as e:
             meter.lost(worker, repr(e))
             raise
-        meter.end(start, worker, result, path=self.masterdest)  # type: ignore[attr-defined]
+        meter.end(start, worker, result, **self.figures())
         return result
 
+    def finished(self) -> defer.Deferred[None]:
+        """What the step's end waits for besides ``run()``."""
+        return defer.succeed(None)
 
-class TimedLog:
-    """Mixed into `ShellCommand`: time ``run()`` until its stdio log is finished; count stdout."""
+    def figures(self) -> dict[str, Any]:
+        return {}
+
+
+class TimedUpload(Timed):
+    """Mixed into `FileUpload`: say where the file went."""
+
+    def figures(self) -> dict[str, Any]:
+        return {"path": self.masterdest}  # type: ignore[attr-defined]
+
+
+class TimedLog(Timed):
+    """Mixed into `ShellCommand`: the step ends when its stdio log is finished; count stdout."""
 
     def __init__(self, **kwargs: Any) -> None:
         from buildbot.process import logobserver
@@ -145,20 +161,12 @@ class TimedLog:
         self.addLogObserver("stdio", self.counter)  # type: ignore[attr-defined]
 
     @defer.inlineCallbacks
-    def run(self) -> Any:
-        assert METER is not None
-        meter = METER
-        worker = self.build.workername  # type: ignore[attr-defined]
-        start = yield meter.begin()
-        try:
-            result = yield super().run()  # type: ignore[misc]
-            stdio = yield self.getLog("stdio")  # type: ignore[attr-defined]
-            yield stdio.finish()
-        except Exception as e:
-            meter.lost(worker, repr(e))
-            raise
-        meter.end(start, worker, result, bytes=self.counter.bytes, crc=self.counter.crc)
-        return result
+    def finished(self) -> Any:
+        stdio = yield self.getLog("stdio")  # type: ignore[attr-defined]
+        yield stdio.finish()
+
+    def figures(self) -> dict[str, Any]:
+        return {"bytes": self.counter.bytes, "crc": self.counter.crc}
 
 
 def master_config(site: T.Site, names: list[str], db_url: str, uploads: Path) -> dict[str, Any]:
