@@ -229,26 +229,7 @@ async def wait_until(reactor: Any, predicate: Any, timeout: float, what: str, in
 
 async def run_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list[int]:
     """Force one build per (builder, host); wait for all; return their results."""
-    builderids = {}
-    for builder, _host in requests:
-        if builder not in builderids:
-            builderids[builder] = await master.data.updates.findBuilderId(builder)
-    pending = []
-    for builder, host in requests:
-        _bsid, brids = await master.data.updates.addBuildset(
-            waited_for=True,
-            builderids=[builderids[builder]],
-            sourcestamps=[
-                {"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}
-            ],
-            properties={"worker_host": (host, "sshmux")},
-        )
-        pending.append(brids)
-    results = []
-    for brids in pending:
-        for brid in brids.values():
-            results.append(await _buildrequest_result(master, brid))
-    return results
+    return await buildrequest_results(master, await force_builds(master, requests, waited_for=True))
 
 
 async def _buildrequest_result(master: Any, brid: int) -> int:
@@ -320,7 +301,9 @@ class LauncherProcess:
 # --- helpers for the integration tests (appended) ---------------------------
 
 
-async def force_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list[int]:
+async def force_builds(
+    master: Any, requests: Sequence[tuple[str, str]], waited_for: bool = False
+) -> list[int]:
     """Force one build per (builder, host) without waiting; return the build request ids."""
     builderids: dict[str, int] = {}
     brids: list[int] = []
@@ -328,7 +311,7 @@ async def force_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list
         if builder not in builderids:
             builderids[builder] = await master.data.updates.findBuilderId(builder)
         _bsid, by_builder = await master.data.updates.addBuildset(
-            waited_for=False,
+            waited_for=waited_for,
             builderids=[builderids[builder]],
             sourcestamps=[
                 {"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}
