@@ -29,6 +29,7 @@ from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, Flo
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.keys import fingerprint
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.peerlog import quote
 from buildbot_sshmux.sshtransport import (
     SUPPORTED_CIPHERS,
     SUPPORTED_MACS,
@@ -215,6 +216,23 @@ class MuxClientTransport(
         # other types (a rotation), the next dial asks for those first.
         self.link.mismatched_types.add(key.sshType())
         return defer.fail(mismatch)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        text = quote(description, 200)
+        if reasonCode == transport.DISCONNECT_TOO_MANY_CONNECTIONS:
+            log.warn(
+                "master {master} refused this connection: {why}; is another launcher running with this"
+                " host's key? retrying with backoff",
+                master=self.link.address,
+                why=text,
+            )
+        else:
+            log.warn(
+                "master {master} disconnected with code {code}: {why}",
+                master=self.link.address,
+                code=reasonCode,
+                why=text,
+            )
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
         # Conch's ECDH path logs (and sends to the master) the repr of the

@@ -12,13 +12,15 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
+import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
 from twisted.conch.avatar import ConchUser
-from twisted.conch.error import ConchError, ValidPublicKey
+from twisted.conch.error import ConchError, IgnoreAuthentication, ValidPublicKey
 from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import factory, forwarding, keys, transport, userauth
+from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
@@ -27,8 +29,9 @@ from twisted.conch.ssh.connection import (
 )
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer
-from twisted.internet.interfaces import IReactorTime
+from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
 from twisted.spread import pb
@@ -38,12 +41,23 @@ from buildbot_sshmux.authorization import HostPortal
 from buildbot_sshmux.authorized_hosts import HostEntry
 from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.limits import ServerLimits, StartupGate
+from buildbot_sshmux.limits import (
+    MAX_KEY_BLOB,
+    MAX_NAME,
+    MAX_SIGNATURE,
+    MAX_USER_NAME,
+    PREAUTH_MAX_PACKET,
+    ServerLimits,
+    StartupGate,
+)
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.peerlog import PeerLogs, quote
 from buildbot_sshmux.sshtransport import (
+    MAX_PACKET_LENGTH,
     SUPPORTED_CIPHERS,
     SUPPORTED_MACS,
     AEADFraming,
+    BoundedLogger,
     DropMalformed,
     StrictKeyExchange,
     send_without_delay,
@@ -52,6 +66,17 @@ from buildbot_sshmux.sshtransport import (
 log = Logger()
 
 _serials = itertools.count()
+
+MSG_CHANNEL_DATA = 94
+# User-key signature algorithms the master accepts (no SHA-1 ssh-rsa).
+USER_SIGNATURE_ALGORITHMS = (
+    b"ssh-ed25519",
+    b"ecdsa-sha2-nistp256",
+    b"ecdsa-sha2-nistp384",
+    b"ecdsa-sha2-nistp521",
+    b"rsa-sha2-512",
+    b"rsa-sha2-256",
+)
 
 LOOPBACK_NAMES = frozenset({"localhost", "localhost.localdomain", "ip6-localhost", "ip6-loopback"})
 
@@ -109,20 +134,45 @@ class AuthorizedHostsChecker:
                 where=where,
             )
             return defer.fail(error.UnauthorizedLogin())
+        algorithm = creds.algName
+        if algorithm not in signature_algorithms(entry.key):
+            # ssh-rsa signs with SHA-1: OpenSSH refuses it by default since 8.8.
+            log.warn(
+                "refused host {host} ({fingerprint}){where}: signature algorithm {algorithm!r} {why}",
+                host=entry.name,
+                fingerprint=entry.fingerprint,
+                where=where,
+                algorithm=quote(algorithm),
+                why="(SHA-1) is not accepted; use rsa-sha2-256 or rsa-sha2-512"
+                if algorithm == b"ssh-rsa"
+                else f"does not sign with a {entry.key.sshType().decode()} key",
+            )
+            return defer.fail(error.UnauthorizedLogin())
         if creds.signature is None:
             return defer.fail(ValidPublicKey())
         try:
-            valid = entry.key.verify(creds.signature, creds.sigData)
+            # The signature blob names its algorithm too: it must be the one asked for.
+            valid = getNS(creds.signature)[0] == algorithm and entry.key.verify(
+                creds.signature, creds.sigData
+            )
         except Exception:
             valid = False
         if not valid:
             log.warn(
-                "bad signature for host {host} ({fingerprint})",
+                "bad signature for host {host} ({fingerprint}){where}",
                 host=entry.name,
                 fingerprint=entry.fingerprint,
+                where=where,
             )
             return defer.fail(error.UnauthorizedLogin())
         return defer.succeed(entry)
+
+
+def signature_algorithms(key: keys.Key) -> tuple[bytes, ...]:
+    """The user-key signature algorithms accepted with ``key``: SHA-2 only for RSA."""
+    if key.sshType() == b"ssh-rsa":
+        return (b"rsa-sha2-512", b"rsa-sha2-256")
+    return (key.sshType(),)
 
 
 class HostAvatar(ConchUser):
@@ -144,10 +194,11 @@ class HostAvatar(ConchUser):
         return tcp.getPeer() if tcp is not None else None
 
     def refuse(self, what: str, code: int) -> ConchError:
-        # ``what`` may quote the peer (a target host): keep it one ASCII line,
-        # for the log and for Conch, which sends the reason as ASCII.
-        what = what.encode("unicode_escape").decode("ascii")
-        log.warn("refused {what} for {who}", what=what, who=self.describe())
+        # ``what`` may quote the peer (a target host): keep it one short ASCII
+        # line, for the log and for the reply (nothing the peer made large is echoed).
+        what = quote(what, 200)
+        peer_log = getattr(getattr(self.conn, "transport", None), "peer_log", None)
+        (peer_log or log).warn("refused {what} for {who}", what=what, who=self.describe())
         return ConchError(f"buildbot-sshmux refuses {what}", code)
 
     def lookupChannel(
@@ -250,7 +301,7 @@ class HostRealm:
         return IConchUser, avatar, avatar.logout
 
 
-class _RefusalsLogged(Logger):
+class _RefusalsLogged(BoundedLogger):
     """Conch logs a refused channel open with a traceback; `HostAvatar.refuse`
     has already said it in one line, so such failures are dropped here."""
 
@@ -263,27 +314,161 @@ class _RefusalsLogged(Logger):
         super().failure(format, failure, level, **kw)
 
 
-class MuxUserAuthServer(userauth.SSHUserAuthServer):
-    """Public-key auth against the current entries, knowing the peer's address."""
+class DuplicateConnection(Exception):
+    """A host key logged in again while its live connection answers keepalives."""
 
+    def __init__(self, live: MuxServerTransport, limit: int, now: float) -> None:
+        self.live = live
+        peer = live.transport.getPeer()
+        age = now - live.connected_at
+        super().__init__(
+            f"too many connections: host {live.avatar.entry.name} is connected from"
+            f" {getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')} for {age:.0f}s and answers"
+            f" keepalives (max_connections_per_host={limit})"
+        )
+
+
+class MuxUserAuthServer(userauth.SSHUserAuthServer):
+    """Public-key authentication against the current entries, sshd-strict.
+
+    Every request counts towards ``max_auth_tries`` (the first ``none`` only
+    excepted, as OpenSSH), queries included; names, keys and signatures have
+    fixed maximum sizes; nothing the peer sent is logged at length.  A host
+    key that is connected already is arbitrated (`SSHMuxFactory.arbitrate`)
+    before the login succeeds.
+    """
+
+    _log = BoundedLogger()
     transport: MuxServerTransport
 
     def serviceStarted(self) -> None:
         super().serviceStarted()
         factory = self.transport.factory
-        peer = self.transport.transport.getPeer()
-        checker = AuthorizedHostsChecker(factory.entries, getattr(peer, "host", None))
+        checker = AuthorizedHostsChecker(factory.entries, self.transport.source)
         self.portal = portal.Portal(factory.realm, [checker])
-        self.attemptsBeforeDisconnect = factory.limits.max_auth_tries - 1
+        self.supportedAuthentications = [b"publickey"]
+        self.max_tries = factory.limits.max_auth_tries
+        self._none_seen = False
+        self._stopped = False
+
+    def serviceStopped(self) -> None:
+        self._stopped = True
+        super().serviceStopped()
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        if messageNum == userauth.MSG_USERAUTH_REQUEST:
+            self.ssh_USERAUTH_REQUEST(packet)
+            return
+        # Anything else before login is a failed attempt.
+        self.transport.peer_log.info(
+            "{peer}: unexpected SSH message {number} ({size} bytes) before login",
+            peer=self.transport.describe_peer(),
+            number=messageNum,
+            size=len(packet),
+        )
+        self.transport.sendUnimplemented()
+        self._count_attempt()
+
+    def _count_attempt(self) -> bool:
+        """Count one attempt; past max_auth_tries cut the peer off (False)."""
+        if self.loginAttempts >= self.max_tries:
+            self._cut()
+            return False
+        self.loginAttempts += 1
+        return True
+
+    def _cut(self) -> None:
+        self.transport.sendDisconnect(
+            transport.DISCONNECT_NO_MORE_AUTH_METHODS_AVAILABLE,
+            b"too many authentication failures",
+            why=f"{self.loginAttempts} failed authentication attempts (max_auth_tries)",
+        )
+
+    def ssh_USERAUTH_REQUEST(self, packet: bytes) -> Any:  # type: ignore[override]
+        user, next_service, method, rest = getNS(packet, 3)
+        if len(user) > MAX_USER_NAME or len(next_service) > MAX_NAME or len(method) > MAX_NAME:
+            self.transport.drop(
+                f"an authentication request with a user name of {len(user)} bytes or a method or"
+                f" service name of more than {MAX_NAME}",
+                b"oversized authentication request",
+            )
+            return None
+        if method == b"none" and not self._none_seen:
+            self._none_seen = True  # a client's first request asks which methods exist
+        elif not self._count_attempt():
+            return None
+        self.user, self.nextService, self.method = user, next_service, method
+        if method == b"publickey":
+            d = self.auth_publickey(rest)
+        else:
+            if method != b"none":
+                self.transport.peer_log.info(
+                    "{peer}: refused {method!r} authentication (only publickey)",
+                    peer=self.transport.describe_peer(),
+                    method=quote(method),
+                )
+            d = defer.fail(error.UnauthorizedLogin())
+        d.addCallback(self._arbitrate)
+        d.addCallback(self._cbFinishedAuth)
+        d.addErrback(self._ebBadAuth)
+        return d
+
+    def auth_publickey(self, packet: bytes) -> defer.Deferred[Any]:
+        has_signature = packet[:1] != b"\x00"
+        algorithm, blob, rest = getNS(packet[1:], 2)
+        signature = getNS(rest)[0] if has_signature else b""
+        trailing = not has_signature and rest
+        if (
+            len(algorithm) > MAX_NAME
+            or len(blob) > MAX_KEY_BLOB
+            or len(signature) > MAX_SIGNATURE
+            or trailing
+        ):
+            self.transport.drop(
+                "a publickey request with an oversized algorithm, key or signature",
+                b"oversized authentication request",
+            )
+            return defer.fail(IgnoreAuthentication())
+        try:
+            keys.Key.fromString(blob)
+        except Exception:
+            self.transport.peer_log.info(
+                "{peer}: refused a key of type {algorithm!r} that cannot be parsed",
+                peer=self.transport.describe_peer(),
+                algorithm=quote(algorithm),
+            )
+            return defer.fail(error.UnauthorizedLogin())
+        return super().auth_publickey(packet)  # type: ignore[no-any-return]
+
+    def _arbitrate(self, result: Any) -> Any:
+        _interface, avatar, _logout = result
+        d = self.transport.factory.arbitrate(self.transport, avatar.entry)
+        return d.addCallback(lambda _: result)
+
+    def _cbFinishedAuth(self, result: Any) -> None:
+        if self._stopped:  # the peer left while its login was arbitrated
+            return
+        super()._cbFinishedAuth(result)
 
     def _ebBadAuth(self, reason: Any) -> None:
-        super()._ebBadAuth(reason)
-        if self.loginAttempts > self.attemptsBeforeDisconnect:
-            log.warn(
-                "{peer}: {n} failed authentication attempts (max_auth_tries); disconnected",
-                peer=self.transport.describe_peer(),
-                n=self.loginAttempts,
+        if self._stopped or reason.check(IgnoreAuthentication):
+            return
+        if reason.check(DuplicateConnection):
+            self.transport.sendDisconnect(
+                transport.DISCONNECT_TOO_MANY_CONNECTIONS,
+                str(reason.value).encode("ascii", "replace"),
+                why=f"refused a second connection of host {reason.value.live.avatar.entry.name}"
+                f" ({reason.value.live.avatar.entry.fingerprint}): {reason.value}",
             )
+            return
+        if not reason.check(UnauthorizedLogin, ConchError):
+            log.failure("checking the authentication of {peer}", reason, peer=self.transport.describe_peer())
+        if self.loginAttempts >= self.max_tries:
+            self._cut()
+            return
+        self.transport.sendPacket(
+            userauth.MSG_USERAUTH_FAILURE, NS(b",".join(self.supportedAuthentications)) + b"\x00"
+        )
 
 
 class MuxServerConnection(FlowControlledConnection):
@@ -300,11 +485,36 @@ class MuxServerConnection(FlowControlledConnection):
         log.info("{who} connected", who=avatar.describe())
         self.keepalive = Keepalive(self, factory.reactor, factory.liveness, avatar.describe)
         self.keepalive.start()
-        factory.enforce_connections_per_host(self.transport)
 
     def serviceStopped(self) -> None:
         self.keepalive.stop()
         super().serviceStopped()
+
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        if messageNum in self.protocolMessages:
+            super().packetReceived(messageNum, packet)
+            return
+        self.transport.peer_log.info(
+            "{who}: unknown SSH message {number} ({size} bytes) ignored",
+            who=self.transport.describe_peer(),
+            number=messageNum,
+            size=len(packet),
+        )
+        self.transport.sendUnimplemented()
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        local, length = struct.unpack(">2L", packet[:8])
+        channel = self.channels[local]
+        if length > channel.localWindowLeft or length > channel.localMaxPacket:
+            self.transport.peer_log.warn(
+                "{who}: {n} bytes of data on channel {id} exceed its window or packet size; channel closed",
+                who=self.transport.describe_peer(),
+                n=length,
+                id=local,
+            )
+            self.sendClose(channel)
+            return
+        super().ssh_CHANNEL_DATA(packet)
 
     # The master never opens a channel, so an answer to one is bogus; Conch
     # would apply it to the open channel of that number and corrupt it.  The
@@ -317,21 +527,54 @@ class MuxServerConnection(FlowControlledConnection):
         raise ConchError("CHANNEL_OPEN_FAILURE for a channel the master never opened")
 
 
+def _before_kex_message(number: int) -> bool:
+    """Messages a peer may send before the first key exchange completes (RFC 4253, 7.1)."""
+    return number in (transport.MSG_DISCONNECT, transport.MSG_IGNORE, transport.MSG_UNIMPLEMENTED,
+                      transport.MSG_DEBUG, transport.MSG_KEXINIT, transport.MSG_NEWKEYS) or 30 <= number <= 49  # fmt: skip
+
+
+@implementer(IPushProducer)
 class MuxServerTransport(
     DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming, transport.SSHServerTransport
 ):
-    """Conch's server transport with sshd's limits, rekeying, AEAD ciphers first and strict key exchange."""
+    """Conch's server transport with sshd's limits, rekeying, AEAD ciphers first and strict key exchange.
 
+    It is the producer of its TCP socket, so it knows when the peer is not
+    reading: SSH messages written meanwhile, and those Conch queues during a
+    key exchange, count as its backlog (``max_backlog``).  Before login it
+    also stops reading a peer that does not read, and its packets may be
+    ``PREAUTH_MAX_PACKET`` long at most.
+    """
+
+    _log = BoundedLogger()
     supportedCiphers = SUPPORTED_CIPHERS
     supportedMACs = SUPPORTED_MACS
     factory: SSHMuxFactory
     avatar: HostAvatar
     transport: Any  # the TCP transport
     _grace_call: Any = None
+    source = "?"
+    connected_at = 0.0
+    replaced = False  # a newer connection of its host key is taking over
+    _link_paused = False
+    _reading_paused = False
+    _disconnect_logged = False  # the reason was logged already (once is enough)
+    _kex_queued = 0  # bytes Conch holds until the key exchange ends
+    _written_while_paused = 0  # bytes written since the socket last had room
 
     @property
     def authenticated(self) -> bool:
         return getattr(self, "avatar", None) is not None
+
+    @property
+    def backlog(self) -> int:
+        """Bytes of SSH messages held for a peer that is not taking them."""
+        return self._kex_queued + self._written_while_paused
+
+    @property
+    def held(self) -> int:
+        """What this connection makes the master hold outside channels: input not yet parsed, backlog."""
+        return len(self.buf) + self.backlog
 
     def describe_peer(self) -> str:
         avatar = getattr(self, "avatar", None)
@@ -340,21 +583,47 @@ class MuxServerTransport(
         peer = self.transport.getPeer()
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
 
+    def describe_peer_with(self, entry: HostEntry) -> str:
+        """The peer, named by the host entry it is logging in as."""
+        return f"host {entry.name} ({entry.fingerprint}) from {self.describe_peer()}"
+
+    def drop(self, why: str, reason: bytes, code: int = transport.DISCONNECT_PROTOCOL_ERROR) -> None:
+        """Disconnect the peer, with one (rate-limited) log line saying why."""
+        self.sendDisconnect(code, reason, why=why)
+
+    def incoming_packet_limit(self) -> int:
+        return MAX_PACKET_LENGTH if self.authenticated else PREAUTH_MAX_PACKET
+
     def connectionMade(self) -> None:
         factory = self.factory
-        pending = sum(1 for c in factory.connections if not c.authenticated)
-        if not factory.startup_gate.admit(pending):
-            log.warn(
+        self.source = str(getattr(self.transport.getPeer(), "host", "?"))
+        self.peer_log = factory.peer_logs(self.source)  # what it was refused
+        self.drop_log = factory.drop_logs(self.source)  # why it was dropped: not crowded out by the above
+        pending = [c for c in factory.connections if not c.authenticated]
+        same_source = sum(1 for c in pending if c.source == self.source)
+        if same_source >= factory.limits.max_startups_per_source:
+            self.drop_log.warn(
+                "dropped connection from {peer}: {n} connections from this address are not logged in yet"
+                " (max_startups_per_source)",
+                peer=self.describe_peer(),
+                n=same_source,
+            )
+            self.transport.abortConnection()
+            return
+        if not factory.startup_gate.admit(len(pending)):
+            self.drop_log.warn(
                 "dropped connection from {peer}: {n} connections are not logged in yet"
                 " (max_startups={limit})",
                 peer=self.describe_peer(),
-                n=pending,
+                n=len(pending),
                 limit=":".join(map(str, factory.limits.max_startups)),
             )
             self.transport.abortConnection()
             return
         factory.connections.add(self)
+        self.connected_at = factory.reactor.seconds()
         send_without_delay(self.transport)
+        self.transport.registerProducer(self, True)
         self.serial = next(_serials)  # connections is a set: this orders them by age
         self.liveness = factory.liveness
         super().connectionMade()
@@ -366,7 +635,8 @@ class MuxServerTransport(
     def _grace_expired(self, grace: float) -> None:
         self._grace_call = None
         if not self.authenticated:
-            log.warn(
+            self._disconnect_logged = True
+            self.drop_log.warn(
                 "{peer} did not log in within {grace:.0f}s (login_grace_time); disconnected",
                 peer=self.describe_peer(),
                 grace=grace,
@@ -379,6 +649,156 @@ class MuxServerTransport(
             self._grace_call.cancel()
         self.stop_rekey_timer()
         super().connectionLost(reason)
+        self.peer_log.close(self.describe_peer())
+        self.drop_log.close(self.describe_peer())
+
+    # Input
+
+    def dataReceived(self, data: bytes) -> None:
+        if self.transport.disconnecting:
+            return  # once dropping it, read nothing more (as a socket would)
+        super().dataReceived(data)
+        if not self.authenticated and not self.transport.disconnecting:
+            total = sum(c.held for c in self.factory.connections if not c.authenticated)
+            if total > self.factory.limits.max_unauthenticated_memory:
+                self.drop(
+                    f"connections not logged in hold {total} bytes"
+                    f" (max_unauthenticated_memory={self.factory.limits.max_unauthenticated_memory})",
+                    b"too much data before login",
+                    transport.DISCONNECT_TOO_MANY_CONNECTIONS,
+                )
+
+    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
+        if self.transport.disconnecting:
+            return
+        if not self._initial_kex_done and not _before_kex_message(messageNum):
+            self.drop(f"SSH message {messageNum} before the key exchange", b"key exchange first")
+            return
+        if messageNum < 50 and not hasattr(self, "ssh_" + transport.messages.get(messageNum, "MSG_?")[4:]):
+            self.peer_log.info(
+                "{peer}: unknown SSH message {number} ({size} bytes) ignored",
+                peer=self.describe_peer(),
+                number=messageNum,
+                size=len(payload),
+            )
+            self.sendUnimplemented()
+            return
+        super().dispatchMessage(messageNum, payload)
+
+    def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
+        name = getNS(packet)[0]
+        if name not in self.factory.services or (name != b"ssh-userauth" and not self.authenticated):
+            self.drop(
+                f"refused service {quote(name)!r}",
+                b"no such service",
+                transport.DISCONNECT_SERVICE_NOT_AVAILABLE,
+            )
+            return
+        super().ssh_SERVICE_REQUEST(packet)
+
+    def receiveError(self, reasonCode: int, description: bytes) -> None:
+        self.peer_log.info(
+            "{peer} disconnected with code {code}: {description}",
+            peer=self.describe_peer(),
+            code=reasonCode,
+            description=quote(description),
+        )
+
+    def sendExtInfo(self, extensions: Any) -> None:
+        # Conch names our host key algorithms as server-sig-algs; clients read
+        # it as the user-key signatures we accept (no SHA-1 ssh-rsa).
+        super().sendExtInfo([(b"server-sig-algs", b",".join(USER_SIGNATURE_ALGORITHMS))])
+
+    # Output: the backlog
+
+    def sendPacket(self, messageType: int, payload: bytes) -> None:
+        queued = (
+            self._keyExchangeState != self._KEY_EXCHANGE_NONE
+            and not self._allowedKeyExchangeMessageType(messageType)
+        )
+        if queued or (self._link_paused and messageType != MSG_CHANNEL_DATA):
+            size = len(payload) + 64  # a packet's framing, and Python's list entry
+            if queued:
+                self._kex_queued += size
+            else:
+                self._written_while_paused += size
+            if self.backlog > self.factory.limits.max_backlog and not self.transport.disconnecting:
+                self._disconnect_logged = True
+                self.drop_log.warn(
+                    "{peer} is not taking what it is sent ({n} bytes of SSH messages held{during},"
+                    " max_backlog={limit}); disconnected",
+                    peer=self.describe_peer(),
+                    n=self.backlog,
+                    during=" during a key exchange" if queued else "",
+                    limit=self.factory.limits.max_backlog,
+                )
+                self.transport.abortConnection()
+                return
+        super().sendPacket(messageType, payload)
+
+    def sendDisconnect(self, reason: int, desc: bytes, why: str | None = None) -> None:
+        """Conch's, with one rate-limited line (``why``, or the description) instead of two."""
+        if not self._disconnect_logged:
+            self._disconnect_logged = True
+            self.drop_log.warn(
+                "{peer}: {why}; disconnected", peer=self.describe_peer(), why=why or quote(desc, 200)
+            )
+        self.sendPacket(transport.MSG_DISCONNECT, struct.pack(">L", reason) + NS(desc[:200]) + NS(b""))
+        self.transport.loseConnection()
+
+    def _newKeys(self) -> None:
+        self._kex_queued = 0  # Conch sends (or, if the socket is full, writes) them now
+        super()._newKeys()
+
+    # IPushProducer, for the TCP transport
+
+    def pauseProducing(self) -> None:
+        self._link_paused = True
+        if not self.authenticated and not self._reading_paused:
+            self._reading_paused = True  # a peer that does not read is not read, before login
+            self.transport.pauseProducing()
+        service = self.service
+        if isinstance(service, FlowControlledConnection):
+            service.pauseProducing()
+
+    def resumeProducing(self) -> None:
+        self._link_paused = False
+        self._written_while_paused = 0
+        if self._reading_paused:
+            self._reading_paused = False
+            self.transport.resumeProducing()
+        service = self.service
+        if isinstance(service, FlowControlledConnection):
+            service.resumeProducing()
+
+    def stopProducing(self) -> None:
+        self.pauseProducing()
+
+
+def probe(connection: MuxServerTransport, clock: IReactorTime, timeout: float) -> defer.Deferred[bool]:
+    """Whether ``connection`` answers a keepalive within ``timeout`` seconds."""
+    service = connection.service
+    if not isinstance(service, MuxServerConnection) or connection.transport.disconnecting:
+        return defer.succeed(False)
+    result: defer.Deferred[bool] = defer.Deferred()
+
+    def answered(reply: Any) -> None:
+        # A REQUEST_FAILURE is an answer; "Connection stopped." (Conch's errback
+        # when the connection goes) is not.
+        alive = not isinstance(reply, Failure) or (
+            reply.check(ConchError) is not None and reply.value.args[:1] == ("global request failed",)
+        )
+        if not result.called:
+            timer.cancel()
+            result.callback(alive)
+
+    def expired() -> None:
+        if not result.called:
+            result.callback(False)
+
+    timer = clock.callLater(timeout, expired)
+    service.sendGlobalRequest(KEEPALIVE_REQUEST, b"", wantReply=1).addBoth(answered)
+    return result
 
 
 class SSHMuxFactory(factory.SSHFactory):
@@ -389,6 +809,7 @@ class SSHMuxFactory(factory.SSHFactory):
         b"ssh-userauth": MuxUserAuthServer,
         b"ssh-connection": MuxServerConnection,
     }
+    _log = BoundedLogger()
 
     def __init__(
         self,
@@ -409,6 +830,8 @@ class SSHMuxFactory(factory.SSHFactory):
         self.startup_gate = StartupGate(*limits.max_startups)
         self.entries = entries
         self.connections: set[MuxServerTransport] = set()
+        self.peer_logs = PeerLogs(log, reactor)
+        self.drop_logs = PeerLogs(log, reactor)
         self.realm = HostRealm(self)
         self.portal = portal.Portal(self.realm, [AuthorizedHostsChecker(entries)])
 
@@ -425,33 +848,58 @@ class SSHMuxFactory(factory.SSHFactory):
         for conn in list(self.connections):
             conn.loseConnection()
 
-    def enforce_connections_per_host(self, newest: MuxServerTransport) -> None:
-        """Close a host key's oldest connections beyond max_connections_per_host."""
-        blob = newest.avatar.entry.key.blob()
-        same = sorted(
-            (c for c in self.connections
-             if c is not newest and c.authenticated and c.avatar.entry.key.blob() == blob),
-            key=lambda c: c.serial,
-        )  # fmt: skip
-        excess = len(same) + 1 - self.limits.max_connections_per_host
-        for old in same[: max(0, excess)]:
-            log.warn(
-                "{who} connected again; closing its older connection from {old}"
-                " (max_connections_per_host={limit})",
-                who=newest.avatar.describe(),
-                old=old.describe_peer(),
-                limit=self.limits.max_connections_per_host,
-            )
-            old.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, b"replaced by a newer connection")
+    def connections_of(self, entry: HostEntry, besides: MuxServerTransport) -> list[MuxServerTransport]:
+        """The logged-in connections of ``entry``'s key, oldest first, not counting those being replaced."""
+        blob = entry.key.blob()
+        same = (c for c in self.connections
+                if c is not besides and c.authenticated and not c.replaced and c.avatar.entry.key.blob() == blob)  # fmt: skip
+        return sorted(same, key=lambda c: c.serial)
+
+    def arbitrate(self, newcomer: MuxServerTransport, entry: HostEntry) -> defer.Deferred[None]:
+        """Let ``newcomer`` log in as ``entry`` within max_connections_per_host.
+
+        As Buildbot arbitrates a duplicate worker: the oldest connections
+        beyond the limit are sent a keepalive; those that answer within
+        ``duplicate_probe_timeout`` stay and the newcomer is refused
+        (`DuplicateConnection`); those that do not are half open, and are
+        closed for the newcomer.
+        """
+        limit = self.limits.max_connections_per_host
+        excess = len(self.connections_of(entry, newcomer)) + 1 - limit
+        if excess <= 0:
+            return defer.succeed(None)
+        oldest = self.connections_of(entry, newcomer)[:excess]
+        timeout = self.limits.duplicate_probe_timeout
+        d = defer.gatherResults([probe(c, self.reactor, timeout) for c in oldest])
+
+        def decide(answers: list[bool]) -> None:
+            for old, answered in zip(oldest, answers):
+                if not answered and not old.replaced and not old.transport.disconnecting:
+                    old.replaced = True
+                    old.sendDisconnect(
+                        transport.DISCONNECT_BY_APPLICATION,
+                        b"replaced by a newer connection of this host key",
+                        why=f"{newcomer.describe_peer_with(entry)} connected again and its connection"
+                        f" from {old.describe_peer()} did not answer a keepalive within {timeout:.0f}s:"
+                        f" replacing it (max_connections_per_host={limit})",
+                    )
+            live = self.connections_of(entry, newcomer)
+            if len(live) + 1 > limit:
+                raise DuplicateConnection(live[0], limit, self.reactor.seconds())
+
+        return d.addCallback(decide)
 
     def apply_entries(self) -> None:
         """Re-check every logged-in host against the current entries.
 
         A host whose key was removed, or whose address ``from=`` no longer
         allows, is disconnected; a host whose ``workers=`` narrowed loses
-        the sessions it may no longer run.  Other hosts are untouched.
+        the sessions it may no longer run.  Other hosts are untouched.  A key
+        on several lines is its first line's, as at login.
         """
-        by_key = {entry.key.blob(): entry for entry in self.entries()}
+        by_key: dict[bytes, HostEntry] = {}
+        for entry in self.entries():
+            by_key.setdefault(entry.key.blob(), entry)
         for conn in list(self.connections):
             avatar = getattr(conn, "avatar", None)
             if not isinstance(avatar, HostAvatar):
@@ -459,9 +907,10 @@ class SSHMuxFactory(factory.SSHFactory):
             entry = by_key.get(avatar.entry.key.blob())
             peer = avatar.peer_address()
             if entry is None or (peer is not None and not entry.allows_address(peer.host)):
-                log.warn("{who} is no longer authorized; disconnecting it", who=avatar.describe())
                 conn.sendDisconnect(
-                    transport.DISCONNECT_BY_APPLICATION, b"this host's key is no longer authorized"
+                    transport.DISCONNECT_BY_APPLICATION,
+                    b"this host's key is no longer authorized",
+                    why=f"{avatar.describe()} is no longer authorized",
                 )
             elif entry != avatar.entry:
                 avatar.update_entry(entry)

@@ -4,15 +4,17 @@ peer whose message cannot be parsed."""
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Sequence
 from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import getNS
-from twisted.logger import Logger
+from twisted.logger import Logger, LogLevel
 
 from buildbot_sshmux.aead import AEAD_CIPHERS, PacketCipher, RandomPadding, packet_cipher, padding_length
+from buildbot_sshmux.peerlog import quote
 
 log = Logger()
 
@@ -31,6 +33,23 @@ MAX_PACKET_LENGTH = 1048576  # Conch's limit on an incoming packet
 IMPLICIT_MAC = b"<implicit>"  # the MAC "name" of an AEAD direction, as OpenSSH reports it
 KEX_STRICT_CLIENT = b"kex-strict-c-v00@openssh.com"
 KEX_STRICT_SERVER = b"kex-strict-s-v00@openssh.com"
+
+
+class BoundedLogger(Logger):
+    """The log of our Conch subclasses: without Conch's debug lines (several a
+    packet, some with whole payloads), and with every field it logs bounded,
+    since Conch logs what peers send (descriptions, request names)."""
+
+    show_debug = False
+    field_limit = 200
+
+    def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
+        if level == LogLevel.debug and not self.show_debug:
+            return
+        for name, value in kwargs.items():
+            if isinstance(value, (bytes, str)) and len(value) > self.field_limit:
+                kwargs[name] = quote(value, self.field_limit)
+        super().emit(level, format, **kwargs)
 
 
 def prefer(preferred: Sequence[bytes], supported: Sequence[bytes]) -> list[bytes]:
@@ -102,6 +121,10 @@ class AEADFraming:
     _padding: RandomPadding | None = None
     _incoming_length: int | None = None  # of the packet being received, once read
 
+    def incoming_packet_limit(self) -> int:
+        """The longest packet accepted now (a server lowers it before login)."""
+        return MAX_PACKET_LENGTH
+
     def _keySetup(self, sharedSecret: bytes, exchangeHash: bytes) -> None:
         t: Any = self
         t.nextEncryptions = Ciphers.adopt(t.nextEncryptions)
@@ -128,16 +151,17 @@ class AEADFraming:
 
     def getPacket(self) -> bytes | None:
         opener = getattr(self.currentEncryptions, "in_aead", None)
-        if opener is None:
-            return super().getPacket()  # type: ignore[misc,no-any-return]
         t: Any = self
+        if opener is None:
+            return self._conch_packet()
         buf, seq = self.buf, t.incomingPacketSequence
         if len(buf) < 4:
             return None
         length = self._incoming_length
         if length is None:
             length = self._incoming_length = opener.packet_length(seq, buf)
-            if length > MAX_PACKET_LENGTH or length < opener.block_size or length % opener.block_size:
+            limit = self.incoming_packet_limit()
+            if length > limit or length < opener.block_size or length % opener.block_size:
                 t.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % length)
                 return None
         end = 4 + length + opener.tag_size
@@ -165,6 +189,18 @@ class AEADFraming:
         t.incomingPacketSequence += 1
         return payload
 
+    def _conch_packet(self) -> bytes | None:
+        """Conch's getPacket (block ciphers, or none), with our packet length limit."""
+        t: Any = self
+        limit = self.incoming_packet_limit()
+        packet: bytes | None = super().getPacket()  # type: ignore[misc]
+        first = getattr(self, "first", None)  # Conch keeps the decrypted first block of a partial packet
+        declared = struct.unpack("!L", first[:4])[0] if packet is None and first else len(packet or b"")
+        if declared > limit:
+            t.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % declared)
+            return None
+        return packet
+
 
 class StrictKeyExchange:
     """Mixin for Conch transports: OpenSSH's strict key exchange.
@@ -186,11 +222,14 @@ class StrictKeyExchange:
         t: Any = self
         if t.sessionID is None and self.advertise_strict_kex:  # the initial exchange
             marker = KEX_STRICT_CLIENT if t.isClient else KEX_STRICT_SERVER
-            t.supportedKeyExchanges = [*type(self).supportedKeyExchanges, marker]  # type: ignore[attr-defined]
+            # The instance's own list: Conch's factory drops the group-exchange
+            # methods from it when it has no moduli.
+            own = list(t.supportedKeyExchanges)
+            t.supportedKeyExchanges = [*own, marker]
             try:
                 super().sendKexInit()  # type: ignore[misc]
             finally:
-                del t.supportedKeyExchanges  # negotiation uses the class's list
+                t.supportedKeyExchanges = own  # negotiation uses the list without the marker
         else:
             super().sendKexInit()  # type: ignore[misc]
 
@@ -254,8 +293,9 @@ class DropMalformed:
                 "{peer}: malformed SSH message {number} ({error}); disconnected",
                 peer=self.describe_peer(),
                 number=messageNum,
-                error=f"{type(e).__name__}: {e}",
+                error=quote(f"{type(e).__name__}: {e}", 200),
             )
+            self._disconnect_logged = True
             self.sendDisconnect(  # type: ignore[attr-defined]
                 transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message"
             )

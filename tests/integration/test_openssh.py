@@ -496,6 +496,18 @@ class StockSSHClientTests(Base):
         self.assertTrue(ssh.running, ssh.text)
         self.assertEqual(sshmux.connection_count, 1)
 
+        # A second stock ssh with the same key (an admin's test) is refused while
+        # the first answers keepalives, and does not disturb it.
+        second = self.ssh(ssh_port, identity, command=("true",))
+        code = await second.exited()
+        self.assertNotEqual(code, 0, second.text)
+        self.assertIn(f"too many connections: host {HOST} is connected from 127.0.0.1:", second.text)
+        self.assertTrue(ssh.running, ssh.text)
+        self.assertEqual(sshmux.connection_count, 1)
+        self.assertTrue(self.logged("refused a second connection of host", host_fp), self.log_lines)
+        await ssh.stop()
+        await T.wait_until(reactor, lambda: sshmux.connection_count == 0, 15, "the forward to close")
+
         # An exec request needs a session channel: refused, ssh exits non-zero.
         execd = self.ssh(ssh_port, identity, command=("true",))
         code = await execd.exited()

@@ -228,13 +228,33 @@ class MaxAuthTriesTests(TestCase):
         self.try_keys((HOST_KEY, OTHER_KEY), (HOST_KEY, OTHER_KEY), (HOST_KEY, OTHER_KEY), signed=True)
         self.assertCutAfter(3)
 
-    def test_queries_for_the_right_key_do_not_count(self) -> None:
-        self.try_keys(HOST_KEY, HOST_KEY, HOST_KEY, HOST_KEY)
-        self.assertEqual(len(self.client.auth.replies(userauth.MSG_USERAUTH_PK_OK)), 4)
+    def test_queries_count_too(self) -> None:
+        # Today's OpenSSH counts every request but the first 'none': unsigned
+        # queries ("would this key do?") cost a peer nothing otherwise.
+        self.try_keys(HOST_KEY, HOST_KEY, HOST_KEY)
+        self.assertEqual(len(self.client.auth.replies(userauth.MSG_USERAUTH_PK_OK)), 3)
         self.assertFalse(self.client.lost)
+        self.try_keys((HOST_KEY, None), signed=True)
+        self.assertTrue(self.client.lost)
+        self.assertFalse(self.server.authenticated)
+        [line] = self.lines()
+        self.assertIn("3 failed", line)
+
+    def test_a_query_then_a_signed_request_logs_in(self) -> None:
+        self.try_keys(HOST_KEY)
         self.try_keys((HOST_KEY, None), signed=True)
         self.assertTrue(self.server.authenticated)
         self.assertEqual(self.lines(), [])
+
+    def test_only_the_first_none_is_free(self) -> None:
+        for _ in range(3):
+            self.client.auth.request(b"none")
+            self.wire.flush()
+        self.assertFalse(self.client.lost)
+        self.client.auth.request(b"none")
+        self.wire.flush()
+        self.assertTrue(self.client.lost)
+        self.assertEqual(len(self.lines()), 1)
 
     def test_failures_advertise_publickey_only(self) -> None:
         self.try_keys(OTHER_KEY)
@@ -286,28 +306,59 @@ class MaxConnectionsPerHostTests(TestCase):
         entry = HostEntry(name="debian-sid", key=HOST_KEY.public(), workers=("*-debian-sid",))
         return pair_with(self, ServerLimits(max_connections_per_host=limit), entries=[entry, FEDORA])
 
-    def test_the_newest_connection_of_a_host_wins(self) -> None:
+    def test_a_live_connection_stays_and_the_newcomer_is_refused(self) -> None:
         pair = self.make(1)
         pair.start()
         fedora = ExtraLink(self, pair, OTHER_KEY, peer=THIRD_PEER)
         fedora.start()
-        fedora_server = fedora.server
-        old_server = pair.server
+        live = pair.server
+        pair.clock.advance(42)
 
         again = ExtraLink(self, pair, HOST_KEY, peer=OTHER_PEER)
         again.link.startService()
         flush_all(pair.wire, again.wire, fedora.wire)
 
-        self.assertIsNotNone(again.link.connection)
-        self.assertIsNone(pair.link.connection, "the older connection was not closed")
-        self.assertNotIn(old_server, pair.factory.connections)
-        self.assertEqual(pair.factory.connections, {again.server, fedora_server})
-        # Another host's connection is untouched.
+        self.assertIsNotNone(pair.link.connection, "the live connection was closed")
+        self.assertIsNone(again.link.connection)
+        self.assertIn(live, pair.factory.connections)
+        self.assertEqual(pair.factory.connections, {live, fedora.server})
         self.assertIsNotNone(fedora.link.connection)
-        self.assertEqual(fedora.link.dials, 1)
-        [line] = self.logs.matching("connected again", "max_connections_per_host=1")
+        # The newcomer hears why, with the live connection's address and age.
+        [refusal] = self.logs.matching("refused this connection", "too many connections")
+        self.assertIn(f"connected from {PEER} for 42s", refusal)
+        # The master says it once, naming the host and both addresses.
+        [line] = self.logs.matching("refused a second connection", "max_connections_per_host=1")
         self.assertIn("host debian-sid", line)
         self.assertIn(fingerprint(HOST_KEY), line)
+        self.assertIn(f"{OTHER_PEER.host}:{OTHER_PEER.port}", line)
+        self.assertIn(PEER, line)
+        # It backs off and tries again later; the live connection stays.
+        self.assertTrue(again.link._retry_call.active())
+        pair.clock.advance(5)
+        flush_all(pair.wire, again.wire, fedora.wire)
+        self.assertIsNotNone(pair.link.connection)
+        self.assertEqual(len(self.logs.matching("refused a second connection")), 2)
+
+    def test_a_connection_that_does_not_answer_is_replaced(self) -> None:
+        pair = self.make(1)
+        pair.start()
+        old_server = pair.server
+        pair.wire.hold_to_client = pair.wire.hold_to_server = True  # half open: nothing crosses
+
+        again = ExtraLink(self, pair, HOST_KEY, peer=OTHER_PEER)
+        again.link.startService()
+        flush_all(again.wire)
+        self.assertIsNone(again.link.connection, "logged in before the old connection was probed")
+        pair.clock.advance(ServerLimits().duplicate_probe_timeout)
+        flush_all(again.wire)
+
+        self.assertIsNotNone(again.link.connection)
+        self.assertTrue(old_server.replaced)
+        self.assertTrue(old_server.transport.disconnecting)
+        [line] = self.logs.matching(
+            "connected again", "did not answer a keepalive", "max_connections_per_host=1"
+        )
+        self.assertIn("host debian-sid", line)
         self.assertIn(f"{OTHER_PEER.host}:{OTHER_PEER.port}", line)
         self.assertIn(PEER, line)
 
@@ -320,22 +371,28 @@ class MaxConnectionsPerHostTests(TestCase):
         self.assertIsNotNone(pair.link.connection)
         self.assertIsNotNone(again.link.connection)
         self.assertEqual(self.logs.matching("connected again"), [])
+        self.assertEqual(self.logs.matching("refused a second connection"), [])
 
-    def test_beyond_the_limit_the_oldest_is_closed(self) -> None:
+    def test_beyond_the_limit_only_the_silent_oldest_is_replaced(self) -> None:
         pair = self.make(2)
         pair.start()
         second = ExtraLink(self, pair, HOST_KEY, peer=OTHER_PEER)
         second.start()
-        links: list[Any] = [pair, second]
-        for n in range(5):  # whatever order the server keeps its connections in
-            newest = ExtraLink(self, pair, HOST_KEY, peer=IPv4Address("TCP", "203.0.113.9", 40000 + n))
-            newest.start()
-            links.append(newest)
-            flush_all(*(link.wire for link in links))
-            self.assertIsNone(links[-3].link.connection, f"round {n}: the oldest connection stayed")
-            self.assertIsNotNone(links[-2].link.connection, f"round {n}: a newer connection was closed")
-            self.assertIsNotNone(links[-1].link.connection)
-            self.assertEqual(len(pair.factory.connections), 2)
+        third = ExtraLink(self, pair, HOST_KEY, peer=THIRD_PEER)
+        third.link.startService()
+        flush_all(pair.wire, second.wire, third.wire)
+        self.assertIsNone(third.link.connection, "both live connections answered: the third is refused")
+        self.assertEqual(len(pair.factory.connections), 2)
+
+        pair.wire.hold_to_client = pair.wire.hold_to_server = True  # the oldest goes silent
+        fourth = ExtraLink(self, pair, HOST_KEY, peer=IPv4Address("TCP", "203.0.113.9", 40000))
+        fourth.link.startService()
+        flush_all(second.wire, fourth.wire)
+        pair.clock.advance(ServerLimits().duplicate_probe_timeout)
+        flush_all(second.wire, fourth.wire)
+        self.assertIsNotNone(fourth.link.connection)
+        self.assertIsNotNone(second.link.connection, "a live connection was closed")
+        self.assertTrue(pair.server.replaced)
 
 
 class SettingsTests(TestCase):
