@@ -2,16 +2,56 @@
 
 from __future__ import annotations
 
+import reprlib
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import error, portal
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.spread import pb
+from zope.interface import implementer
 
 from buildbot_sshmux.authorized_hosts import HostEntry
 
 log = Logger()
+
+_short = reprlib.Repr()  # a peer's name, for the log: long strings and lists are cut
+_short.maxstring = _short.maxother = 80
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` as one ASCII line of at most 80 characters."""
+    return _short.repr(value).encode("ascii", "backslashreplace").decode("ascii")[:80]
+
+
+_ANONYMOUS = object()  # credentials without a username
+
+
+def worker_name(credentials: Any) -> str | None:
+    """The worker name a PB login offers, or None if it offers none usable
+    (an anonymous login, a name that is not text or not UTF-8)."""
+    username = getattr(credentials, "username", None)
+    if isinstance(username, bytes):
+        try:
+            return username.decode("utf-8")
+        except UnicodeDecodeError:
+            return None
+    return username if isinstance(username, str) else None
+
+
+@implementer(portal.IRealm)
+class _NoticingRealm:
+    """A realm that says when it is asked for an avatar: the checker has
+    accepted the credentials."""
+
+    def __init__(self, realm: portal.IRealm, accepted: Callable[[], None]) -> None:
+        self.realm = realm
+        self.accepted = accepted
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
+        self.accepted()
+        return self.realm.requestAvatar(avatarId, mind, *interfaces)
 
 
 class ChannelClosedWhileAttaching(pb.Error):
@@ -31,31 +71,52 @@ class HostPortal(portal.Portal):
         self.wrapped = wrapped
         self.entry = entry
         self.peer = peer  # "host:port" of the SSH connection, for the log
-        self.worker_name: str | None = None
+        self.worker_name: str | None = None  # once the login has completed
+        # Once the master's checker has accepted the worker's password: Buildbot
+        # attaches the worker (asks for its info, environment included) before
+        # the login completes, so that exchange is no longer bounded as a login.
+        self.authenticated = False
 
     def login(self, credentials: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
-        username = credentials.username
-        if isinstance(username, bytes):
-            username = username.decode("utf-8", "replace")
+        username = worker_name(credentials)
+        if username is None:
+            offered = getattr(credentials, "username", _ANONYMOUS)
+            log.warn(
+                "host {host} ({fingerprint}){where} offered no usable worker name ({name}); login refused",
+                host=self.entry.name,
+                fingerprint=self.entry.fingerprint,
+                where=f" from {self.peer}" if self.peer else "",
+                name="an anonymous login" if offered is _ANONYMOUS else short_repr(offered),
+            )
+            return defer.fail(error.UnauthorizedLogin())
         if not self.entry.may_attach(username):
             log.warn(
-                "host {host} ({fingerprint}){where} may not attach worker {worker!r}"
+                "host {host} ({fingerprint}){where} may not attach worker {worker}"
                 " (allowed: {allowed}); login refused",
                 host=self.entry.name,
                 fingerprint=self.entry.fingerprint,
                 where=f" from {self.peer}" if self.peer else "",
-                worker=username,
+                worker=short_repr(username),
                 allowed=",".join(self.entry.workers),
             )
             return defer.fail(error.UnauthorizedLogin())
-        d = self.wrapped.login(credentials, mind, *interfaces)
+        checked = portal.Portal(_NoticingRealm(self.wrapped.realm, self._accepted))
+        checked.checkers = self.wrapped.checkers
+        d = checked.login(credentials, mind, *interfaces)
 
         def logged_in(result: Any) -> Any:
             self.worker_name = username
             return result
 
-        d.addCallback(logged_in)
+        def refused(failure: Any) -> Any:
+            self.authenticated = self.worker_name is not None
+            return failure
+
+        d.addCallbacks(logged_in, refused)
         return d.addCallback(self._logout_if_gone, mind, username)
+
+    def _accepted(self) -> None:
+        self.authenticated = True
 
     def _logout_if_gone(self, result: Any, mind: Any, username: str) -> Any:
         # Twisted PB registers the logout with the broker only once the login

@@ -224,6 +224,7 @@ def parse_lines(lines: list[str], source: str) -> tuple[list[HostEntry], list[st
     """Parse many lines; return the good entries and one error sentence per bad line."""
     entries: list[HostEntry] = []
     errors: list[str] = []
+    first_line: dict[bytes, int] = {}  # a key's line: a key on two lines is its first line's
     for number, line in enumerate(lines, start=1):
         where = f"{source}:{number}"
         try:
@@ -231,8 +232,17 @@ def parse_lines(lines: list[str], source: str) -> tuple[list[HostEntry], list[st
         except LineError as e:
             errors.append(f"{where}: {e}; this line is ignored, fix it and save the file")
             continue
-        if entry is not None:
-            entries.append(entry)
+        if entry is None:
+            continue
+        blob = entry.key.blob()
+        if blob in first_line:
+            errors.append(
+                f"{where}: the key {entry.fingerprint} is on line {first_line[blob]} already;"
+                " this line is ignored, remove it or merge it into that one"
+            )
+            continue
+        first_line[blob] = number
+        entries.append(entry)
     return entries, errors
 
 

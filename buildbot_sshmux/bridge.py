@@ -19,6 +19,10 @@ full.  This one counts what waits, per channel and per connection:
 The connection registers itself as producer on its TCP transport, so a full
 socket buffer holds back every channel instead of growing in the kernel's
 place.
+
+An exception from the protocol's ``dataReceived`` (garbage from the peer)
+closes that channel alone, with one log line, as it would close a TCP
+connection; the SSH connection and its other channels go on.
 """
 
 from __future__ import annotations
@@ -38,6 +42,8 @@ from twisted.logger import Logger
 from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface import implementer
+
+from buildbot_sshmux.peerlog import quote
 
 log = Logger()
 
@@ -66,6 +72,10 @@ class FlowLimits:
     # nothing for that many seconds (the worker side: buildbot-worker streams
     # logs without flow control, and a master that reads slowly is reading).
     stall_timeout: float = 0.0
+
+
+class InputRefused(Exception):
+    """The peer sent more than a channel takes; the text says what, for the log."""
 
 
 @implementer(IAddress)
@@ -185,12 +195,20 @@ class ProtocolChannel(SSHChannel):
     def logPrefix(self) -> str:
         return self.label or "ProtocolChannel"
 
+    def describe(self) -> str:
+        """Who this channel is, for the log: its label and channel number."""
+        return f"{self.label or 'channel'} (channel {self.id})"
+
     def dataReceived(self, data: bytes) -> None:
         if not self.disconnected:
             self._delivering = True
             try:
                 # Legacy log.msg() calls made by the protocol (Buildbot's) carry our label.
-                legacy_log.callWithContext({"system": self.label}, self.protocol.dataReceived, data)
+                legacy_log.callWithContext({"system": self.label}, self.deliver, data)
+            except Exception as e:
+                # Over TCP a protocol's exception closes its own connection; here it
+                # must not reach Conch, which would drop every channel of the host.
+                self._input_failed(e)
             finally:
                 self._delivering = False
                 lost, self._lost_later = self._lost_later, None
@@ -199,14 +217,27 @@ class ProtocolChannel(SSHChannel):
                 else:
                     self._release_window()
 
+    def deliver(self, data: bytes) -> None:
+        """Hand the peer's ``data`` to the protocol (subclasses bound it)."""
+        self.protocol.dataReceived(data)
+
+    def _input_failed(self, e: Exception) -> None:
+        """The protocol could not take the peer's input: close this channel only."""
+        if isinstance(e, InputRefused):
+            problem = str(e)
+        else:  # the text may quote the peer: one short ASCII line, whatever it sent
+            problem = "protocol error: " + quote(f"{type(e).__name__}: {e}", 200)
+        log.warn("{channel}: {problem}; channel closed", channel=self.describe(), problem=problem)
+        self.abortConnection()
+
     def extReceived(self, dataType: int, data: bytes) -> None:
-        log.warn("{label}: ignored {n} bytes of extended data", label=self.label, n=len(data))
+        log.warn("{channel}: ignored {n} bytes of extended data", channel=self.describe(), n=len(data))
 
     def requestReceived(self, requestType: bytes, data: bytes) -> int:
         log.warn(
-            "{label}: refused channel request {request!r}",
-            label=self.label,
-            request=requestType.decode("ascii", "replace"),
+            "{channel}: refused channel request {request!r}",
+            channel=self.describe(),
+            request=quote(requestType),
         )
         return 0
 
@@ -431,9 +462,9 @@ class ProtocolChannel(SSHChannel):
     def _overflow(self) -> None:
         idle = self._clock() - self._last_progress
         log.error(
-            "{label}: the peer is not reading ({pending} bytes queued on the channel,"
+            "{channel}: the peer is not reading ({pending} bytes queued on the channel,"
             " {total} on the connection; nothing taken for {idle:.0f} s); channel closed",
-            label=self.label,
+            channel=self.describe(),
             pending=self._pending,
             total=self._budget.pending,
             idle=idle,

@@ -16,8 +16,9 @@ class ServerLimits:
     ``rate`` percent, rising linearly to 100% at ``full``.
 
     ``max_startups_per_source``: unauthenticated connections from one
-    address at once (OpenSSH's ``PerSourceMaxStartups``), so one source
-    cannot fill ``max_startups`` and lock every host out.
+    address at once (OpenSSH's ``PerSourceMaxStartups``).  And unlike
+    OpenSSH, a source with none pending is admitted until ``full``: one
+    address's idle connections cannot make everyone else's a lottery.
 
     ``max_connections_per_host``: when a host key opens one connection more,
     the master sends the oldest a keepalive and waits up to

@@ -19,7 +19,7 @@ from typing import Any
 from twisted.conch.avatar import ConchUser
 from twisted.conch.error import ConchError, IgnoreAuthentication, ValidPublicKey
 from twisted.conch.interfaces import IConchUser
-from twisted.conch.ssh import factory, forwarding, keys, transport, userauth
+from twisted.conch.ssh import _kex, factory, forwarding, keys, transport, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
@@ -30,7 +30,7 @@ from twisted.conch.ssh.connection import (
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
+from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -51,6 +51,7 @@ from buildbot_sshmux.limits import (
     StartupGate,
 )
 from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.pbinput import PBChannel, PBInputLimits
 from buildbot_sshmux.peerlog import PeerLogs, quote
 from buildbot_sshmux.sshtransport import (
     MAX_PACKET_LENGTH,
@@ -239,8 +240,10 @@ class HostAvatar(ConchUser):
         pb_factory = pb.PBServerFactory(host_portal, unsafeTracebacks=unsafe_tracebacks)
         protocol = pb_factory.buildProtocol(address)
         local = ChannelAddress("TCP", "127.0.0.1", pb_port, ssh_host=self.entry.name)
-        channel = ProtocolChannel(
+        channel = PBChannel(
             protocol,
+            host_portal=host_portal,
+            input_limits=self.server.pb_input,
             peer=address,
             host=local,
             limits=self.server.flow,
@@ -251,7 +254,6 @@ class HostAvatar(ConchUser):
             remoteMaxPacket=maxPacket,
             avatar=self,
         )
-        channel.host_portal = host_portal
         log.debug("PB channel opened for {who}", who=self.describe())
         return channel
 
@@ -610,7 +612,10 @@ class MuxServerTransport(
             )
             self.transport.abortConnection()
             return
-        if not factory.startup_gate.admit(len(pending)):
+        # A source with nothing pending is let in until max_startups is full:
+        # one address's idle connections must not make the others' a lottery.
+        first_from_source = same_source == 0 and len(pending) < factory.startup_gate.full
+        if not first_from_source and not factory.startup_gate.admit(len(pending)):
             self.drop_log.warn(
                 "dropped connection from {peer}: {n} connections are not logged in yet"
                 " (max_startups={limit})",
@@ -648,7 +653,11 @@ class MuxServerTransport(
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
         self.stop_rekey_timer()
-        super().connectionLost(reason)
+        # Conch's, without its "connection lost" line for every connection.
+        if self.service:
+            self.service.serviceStopped()
+        if hasattr(self, "avatar"):
+            self.logoutFunction()
         self.peer_log.close(self.describe_peer())
         self.drop_log.close(self.describe_peer())
 
@@ -820,8 +829,10 @@ class SSHMuxFactory(factory.SSHFactory):
         flow: FlowLimits = FlowLimits(),
         limits: ServerLimits = ServerLimits(),
         liveness: Liveness = Liveness(),
+        pb_input: PBInputLimits = PBInputLimits(),
     ) -> None:
         self.host_keys = list(host_keys)
+        self.pb_input = pb_input
         self.pb_lookup = pb_lookup
         self.reactor = reactor
         self.flow = flow
@@ -834,6 +845,16 @@ class SSHMuxFactory(factory.SSHFactory):
         self.drop_logs = PeerLogs(log, reactor)
         self.realm = HostRealm(self)
         self.portal = portal.Portal(self.realm, [AuthorizedHostsChecker(entries)])
+
+    def buildProtocol(self, addr: Any) -> MuxServerTransport:
+        # Conch's, without its line on every connection that it has no moduli:
+        # the group-exchange methods, which need them, are simply not offered.
+        t: MuxServerTransport = protocol.Factory.buildProtocol(self, addr)  # type: ignore[assignment]
+        t.supportedPublicKeys = [
+            algorithm for key in self.privateKeys.values() for algorithm in key.supportedSignatureAlgorithms()
+        ]
+        t.supportedKeyExchanges = [k for k in t.supportedKeyExchanges if not _kex.isDynamicPrimesGroup(k)]
+        return t
 
     def getPublicKeys(self) -> dict[bytes, keys.Key]:
         return {key.sshType(): key.public() for key in self.host_keys}

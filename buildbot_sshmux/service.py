@@ -34,6 +34,7 @@ from buildbot_sshmux.errors import KeyFileError
 from buildbot_sshmux.keys import fingerprint, load_private_key
 from buildbot_sshmux.limits import ServerLimits, StartupGate
 from buildbot_sshmux.liveness import Liveness
+from buildbot_sshmux.pbinput import PBInputLimits
 from buildbot_sshmux.server import PBUnavailable, SSHMuxFactory
 
 log = Logger()
@@ -67,12 +68,17 @@ def _load_entries(basedir: str, path: str | None, inline: Sequence[str]) -> tupl
     return entries, errors
 
 
-def settings(**options: Any) -> tuple[FlowLimits, ServerLimits, Liveness]:
+PB_PREFIX = "pb_"  # SSHMuxService(pb_max_message=...) is PBInputLimits(max_message=...)
+
+
+def settings(**options: Any) -> tuple[FlowLimits, ServerLimits, Liveness, PBInputLimits]:
     """Split SSHMuxService's limit arguments into their value objects (ValueError if bad)."""
-    groups: list[Any] = [FlowLimits, ServerLimits, Liveness]
-    values: list[dict[str, Any]] = [{}, {}, {}]
+    groups: list[Any] = [FlowLimits, ServerLimits, Liveness, PBInputLimits]
+    values: list[dict[str, Any]] = [{}, {}, {}, {}]
     for name, value in options.items():
-        index = next((i for i, g in enumerate(groups) if name in attrs.fields_dict(g)), None)
+        index = next((i for i, g in enumerate(groups[:3]) if name in attrs.fields_dict(g)), None)
+        if name.startswith(PB_PREFIX) and name[len(PB_PREFIX) :] in attrs.fields_dict(PBInputLimits):
+            index = 3
         if index is None:
             raise ValueError(f"unknown argument {name!r}")
         if name == "max_startups":
@@ -85,12 +91,12 @@ def settings(**options: Any) -> tuple[FlowLimits, ServerLimits, Liveness]:
             value = tuple(int(p) for p in parts)
         if name != "max_startups" and (not isinstance(value, (int, float)) or value < 0):
             raise ValueError(f"{name} must be a number >= 0, not {value!r}")
-        values[index][name] = value
-    flow, limits, liveness = (g(**v) for g, v in zip(groups, values))
+        values[index][name[len(PB_PREFIX) :] if index == 3 else name] = value
+    flow, limits, liveness, pb_input = (g(**v) for g, v in zip(groups, values))
     StartupGate(*limits.max_startups)  # validates
     if flow.max_packet > flow.window_size:
         raise ValueError("max_packet must not exceed window_size")
-    return flow, limits, liveness
+    return flow, limits, liveness, pb_input
 
 
 class SSHMuxService(service.BuildbotService):
@@ -173,7 +179,7 @@ class SSHMuxService(service.BuildbotService):
         **limits: Any,
     ) -> Any:
         basedir = self.master.basedir
-        flow, server_limits, liveness = settings(**limits)
+        flow, server_limits, liveness, pb_input = settings(**limits)
         if "pb" not in self.master.config.protocols:
             config.error(
                 "SSHMuxService needs Buildbot's PB protocol: set "
@@ -199,6 +205,7 @@ class SSHMuxService(service.BuildbotService):
                 yield self._start_listening(str(port))
         # New limits apply to new connections and channels.
         self.factory.flow, self.factory.limits, self.factory.liveness = flow, server_limits, liveness
+        self.factory.pb_input = pb_input
         self.factory.startup_gate = StartupGate(*server_limits.max_startups)
         self._listen_args = listen_args
         self._port = str(port)

@@ -8,8 +8,9 @@ Two ways a launcher dies:
   the master, whose connection stays half open.  The relay plays that
   (``half_open``).  The master's keepalives (5 s x 3 here) would free the old
   sessions only after 15-20 s; the restarted launcher's connection from the
-  same host key replaces the old one at once (max_connections_per_host=1,
-  newest wins).
+  same host key makes the master probe the old one with a keepalive, and
+  replaces it once that goes unanswered for duplicate_probe_timeout (3 s;
+  max_connections_per_host=1).
 
 Either way the new sessions must attach, without duplicate-name rejections
 lasting past one keepalive interval, and the interrupted builds must be
@@ -112,7 +113,7 @@ class LauncherKilled(FaultCase):
         ready_s = await self.wait_ready(names, timeout=30) + all_s
         duplicates = self.log.matching_after(restart_at, "duplicat")
         last_duplicate_s = max((t - restart_at for t, _l in duplicates), default=0.0)
-        replaced = self.log.matching_after(restart_at, "connected again; closing its older connection")
+        replaced = self.log.matching_after(restart_at, "connected again", "did not answer a keepalive")
 
         results = await T.buildrequest_results(master, brids)
         outcomes = []

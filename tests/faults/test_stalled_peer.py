@@ -73,6 +73,12 @@ class StalledPeer(FaultCase):
             service_kwargs={
                 "connection_max_buffer": CONNECTION_MAX_BUFFER,
                 "connection_high_water": CONNECTION_HIGH_WATER,
+                # The client never logs in: past the default 16 KiB of PB before
+                # login its channels would be closed before any answer queued
+                # (test_public_port covers that bound); this test is about output.
+                "pb_login_bytes": 64 * MiB,
+                "pb_login_items": 1_000_000,
+                "pb_connection_login_bytes": 64 * MiB,
             },
         )
         names = [T.worker_name(p, "hosta") for p in projects]

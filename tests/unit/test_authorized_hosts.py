@@ -193,5 +193,18 @@ class CorruptKeyTests(TestCase):
             parse_line(line)
         except LineError:
             pass
-        entries, errors = parse_lines([line, f'host="good" {LINE}'], "f")
+        # The next line still loads (another key: a blob with trailing bytes may
+        # still be KEY's, and a key's second line is ignored).
+        entries, errors = parse_lines([line, f'host="good" {LINE2}'], "f")
         self.assertEqual(entries[-1].name, "good")
+
+
+class DuplicateKeyTests(TestCase):
+    def test_a_key_on_a_second_line_is_reported_and_ignored(self) -> None:
+        entries, errors = parse_lines(
+            [f'host="first" {LINE}', f'host="other" {LINE2}', f'host="second",workers="x" {LINE}'], "hosts"
+        )
+        self.assertEqual([e.name for e in entries], ["first", "other"])
+        [error] = errors
+        self.assertIn("hosts:3: the key SHA256:", error)
+        self.assertIn("is on line 1 already", error)

@@ -24,6 +24,7 @@ from buildbot_sshmux.bridge import FlowLimits
 from buildbot_sshmux.keys import fingerprint, generate_ed25519
 from buildbot_sshmux.limits import ServerLimits, StartupGate
 from buildbot_sshmux.liveness import Liveness
+from buildbot_sshmux.pbinput import PBInputLimits
 from buildbot_sshmux.service import SSHMuxService, settings
 
 from .sshharness import (
@@ -404,10 +405,14 @@ class SettingsTests(TestCase):
         self.assertIn(message, str(caught.exception))
 
     def test_defaults(self) -> None:
-        self.assertEqual(settings(), (FlowLimits(), ServerLimits(), Liveness()))
+        self.assertEqual(settings(), (FlowLimits(), ServerLimits(), Liveness(), PBInputLimits()))
 
     def test_each_argument_lands_in_its_group(self) -> None:
-        flow, limits, liveness = settings(
+        flow, limits, liveness, pb_input = settings(
+            pb_max_message=1000,
+            pb_login_bytes=500,
+            max_startups_per_source=4,
+            duplicate_probe_timeout=1.5,
             window_size=2 * 1024 * 1024,
             max_packet=64 * 1024,
             high_water=100_000,
@@ -432,8 +437,11 @@ class SettingsTests(TestCase):
                 max_auth_tries=2,
                 max_channels=10,
                 max_connections_per_host=2,
+                max_startups_per_source=4,
+                duplicate_probe_timeout=1.5,
             ),
         )
+        self.assertEqual(pb_input, PBInputLimits(max_message=1000, login_bytes=500))
         self.assertEqual(
             liveness,
             Liveness(keepalive_interval=15, keepalive_count_max=4, rekey_bytes=1000, rekey_interval=60.5),
@@ -443,7 +451,7 @@ class SettingsTests(TestCase):
         self.assertEqual(settings(max_startups=(1, 0, 1))[1].max_startups, (1, 0, 1))
 
     def test_zero_disables_what_can_be_disabled(self) -> None:
-        _flow, _limits, liveness = settings(keepalive_interval=0, rekey_bytes=0, rekey_interval=0)
+        _flow, _limits, liveness, _pb = settings(keepalive_interval=0, rekey_bytes=0, rekey_interval=0)
         self.assertEqual(
             (liveness.keepalive_interval, liveness.rekey_bytes, liveness.rekey_interval), (0, 0, 0)
         )
@@ -451,6 +459,8 @@ class SettingsTests(TestCase):
     def test_unknown_argument(self) -> None:
         self.assertBad("unknown argument 'bogus_limit'", bogus_limit=1)
         self.assertBad("unknown argument 'maxStartups'", maxStartups="10:30:100")
+        self.assertBad("unknown argument 'max_message'", max_message=1)  # it is pb_max_message
+        self.assertBad("unknown argument 'pb_window_size'", pb_window_size=1)
 
     def test_negative_numbers(self) -> None:
         for name in ("login_grace_time", "keepalive_interval", "rekey_bytes", "window_size", "max_channels"):

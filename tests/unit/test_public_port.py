@@ -212,14 +212,18 @@ class BeforeLoginTests(TestCase):
 
     def test_one_source_cannot_take_every_startup(self) -> None:
         # Today 300 idle connections from one address locked every host out.
-        pair = pair_with(self, max_startups_per_source=3, max_startups=(10, 30, 100))
+        # Past 3 pending, max_startups drops every newcomer (rate 100%)...
+        pair = pair_with(self, max_startups_per_source=3, max_startups=(3, 100, 100))
         idle = [raw_connect(pair.factory, pair.clock) for _ in range(5)]
         self.assertEqual(sum(1 for _c, s, _w in idle if s in pair.factory.connections), 3)
         [line, *_] = [t for t in self.logs.texts() if "max_startups_per_source" in t]
         self.assertIn(WORKER_HOST_ADDRESS.host, line)
+        # ...but the first connection of another source is let in until it is full.
         elsewhere = IPv4Address("TCP", "198.51.100.99", 40000)
         other = raw_connect(pair.factory, pair.clock, peer=elsewhere)
         self.assertIn(other[1], pair.factory.connections)
+        again = raw_connect(pair.factory, pair.clock, peer=IPv4Address("TCP", "198.51.100.99", 40001))
+        self.assertNotIn(again[1], pair.factory.connections)
 
     def test_unauthenticated_connections_share_a_memory_budget(self) -> None:
         pair = pair_with(self, max_unauthenticated_memory=64 * KiB, max_startups=(50, 30, 100))
@@ -395,3 +399,36 @@ def frame(payload: bytes, block: int = 8) -> bytes:
 
 
 RSA_KEY = keys.Key(rsa.generate_private_key(65537, 2048))
+
+
+class ConnectionLoginBytesTests(TestCase):
+    def test_channels_not_logged_in_share_one_budget(self) -> None:
+        # Each channel may send pb_login_bytes before its login; together, the
+        # channels of one connection may send connection_login_bytes.
+        from twisted.spread import banana
+
+        from buildbot_sshmux.pbinput import PBInputLimits
+
+        logs = LogCapture(self)
+        pair = pair_with(self)
+        pair.factory.pb_input = PBInputLimits(connection_login_bytes=12 * KiB)
+        client, server, wire = raw_login(pair.factory, pair.clock)
+        head: list[bytes] = []
+        banana.int2b128(100_000, head.append)
+        start = b"".join(head) + banana.STRING  # a string Banana must wait for
+        for n in range(3):
+            data = NS(b"localhost") + struct.pack(">L", PB_PORT) + NS(b"127.0.0.1") + struct.pack(">L", 0)
+            client.sendPacket(
+                MSG_CHANNEL_OPEN, NS(b"direct-tcpip") + struct.pack(">3L", n, 2**20, 2**15) + data
+            )
+            wire.flush()
+            [confirm] = [p for m, p in client.conn.received if m == 91 and struct.unpack(">L", p[:4])[0] == n]
+            server_id = struct.unpack(">L", confirm[4:8])[0]
+            client.sendPacket(94, struct.pack(">L", server_id) + NS(start + b"x" * 5000))
+            wire.flush()
+        closes = [p for m, p in client.conn.received if m == 97]  # CHANNEL_CLOSE
+        self.assertEqual(len(closes), 1, "the channel that passed the budget, only")
+        self.assertFalse(server.transport.disconnecting)
+        [line] = logs.matching("connection_login_bytes=12288")
+        self.assertIn("host debian-sid", line)
+        self.assertIn("channel 2", line)
