@@ -795,7 +795,7 @@ def probe(connection: MuxServerTransport, clock: IReactorTime, timeout: float) -
         # A REQUEST_FAILURE is an answer; "Connection stopped." (Conch's errback
         # when the connection goes) is not.
         alive = not isinstance(reply, Failure) or (
-            reply.check(ConchError) is not None and reply.value.args[:1] == ("global request failed",)
+            isinstance(reply.value, ConchError) and reply.value.args[:1] == ("global request failed",)
         )
         if not result.called:
             timer.cancel()
@@ -919,8 +919,8 @@ class SSHMuxFactory(factory.SSHFactory):
         on several lines is its first line's, as at login.
         """
         by_key: dict[bytes, HostEntry] = {}
-        for entry in self.entries():
-            by_key.setdefault(entry.key.blob(), entry)
+        for listed in self.entries():
+            by_key.setdefault(listed.key.blob(), listed)
         for conn in list(self.connections):
             avatar = getattr(conn, "avatar", None)
             if not isinstance(avatar, HostAvatar):
