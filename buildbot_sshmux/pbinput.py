@@ -153,29 +153,40 @@ class PBChannel(ProtocolChannel):
     ) -> None:
         super().__init__(protocol, **kwargs)
         self.host_portal = host_portal  # authorization.HostPortal
+        self._login_charged = 0  # of the connection's pb_login_bytes
         self.input = BananaInput(protocol, input_limits, lambda: host_portal.authenticated)
 
     def deliver(self, data: bytes) -> None:
         for piece in self.input.pieces(data):
             if self.disconnected:
                 return
-            if not self.host_portal.authenticated:
-                self._check_connection_login_bytes()
+            if self.host_portal.authenticated:
+                self._release_login_bytes()
+            else:
+                self._count_login_bytes(len(piece))
             self.protocol.dataReceived(piece)
 
-    def _check_connection_login_bytes(self) -> None:
-        channels = getattr(self.conn, "channels", {}).values()
-        total = sum(
-            c.input.login_bytes
-            for c in channels
-            if isinstance(c, PBChannel) and not c.host_portal.authenticated
-        )
+    def _count_login_bytes(self, n: int) -> None:
+        """Charge ``n`` bytes to what the connection's channels not logged in have sent."""
+        conn: Any = self.conn
+        self._login_charged += n
+        total = conn.pb_login_bytes = getattr(conn, "pb_login_bytes", 0) + n
         limit = self.input.limits.connection_login_bytes
         if total > limit:
             raise InputRefused(
                 f"the channels of this connection that have not logged in sent {total} bytes"
                 f" (connection_login_bytes={limit})"
             )
+
+    def _release_login_bytes(self) -> None:
+        conn: Any = self.conn
+        if self._login_charged and conn is not None:
+            conn.pb_login_bytes -= self._login_charged
+        self._login_charged = 0
+
+    def closed(self) -> None:
+        self._release_login_bytes()
+        super().closed()
 
     def describe(self) -> str:
         portal = self.host_portal

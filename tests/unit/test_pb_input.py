@@ -192,3 +192,24 @@ class BananaInputTests(TestCase):
         self.feed(banana.encode([b"ok", b"x" * 5000]), 65536)
         self.assertRaises(InputRefused, self.feed, OPEN_LIST + string(b"s" * 1000) * 20, 65536)
         self.assertEqual(self.received, [[b"ok", b"x" * 5000]])
+
+
+class ConnectionLoginBytesTests(PBInputTestCase):
+    def test_logged_in_channels_give_their_share_back(self) -> None:
+        # Sessions that logged in no longer count towards connection_login_bytes:
+        # a launcher's sessions attaching one after another never add up.
+        server_conn = self.pair.server_connection
+        self.assertEqual(server_conn.pb_login_bytes, 0)
+        session = PBSession(self, self.pair)
+        session.login()
+        self.assertEqual(session.echo("after"), "after")
+        self.assertEqual(server_conn.pb_login_bytes, 0)
+
+    def test_a_closed_channel_gives_its_share_back(self) -> None:
+        server_conn = self.pair.server_connection
+        session = PBSession(self, self.pair)
+        session.send_raw(OPEN_LIST)
+        self.assertGreater(server_conn.pb_login_bytes, 0)
+        session.server_channel.loseConnection()
+        self.pair.flush()
+        self.assertEqual(server_conn.pb_login_bytes, 0)
