@@ -26,6 +26,7 @@ from twisted.spread import pb
 from benchmarks import common
 from benchmarks.delay import DelayRelay
 from buildbot_sshmux.authorized_hosts import HostEntry
+from buildbot_sshmux.bridge import ProtocolChannel
 from buildbot_sshmux.keys import generate_ed25519, load_private_key, public_line, write_private_key
 from buildbot_sshmux.server import HostAvatar, HostRealm, SSHMuxFactory
 
@@ -129,13 +130,24 @@ class BenchFactory(protocol.Factory):
 
 
 class BenchAvatar(HostAvatar):
-    """The real `HostAvatar` (policy checks, `ProtocolChannel`), whose
-    channels carry a `BenchProtocol` in place of the master's PB broker."""
+    """The real `HostAvatar` (policy checks), whose channels are the real
+    `ProtocolChannel` carrying a `BenchProtocol` in place of the master's PB
+    broker (and so without `PBChannel`'s bounds on PB input: this is not PB)."""
 
     def lookupChannel(self, channelType: bytes, windowSize: int, maxPacket: int, data: bytes) -> Any:
-        channel = super().lookupChannel(channelType, windowSize, maxPacket, data)
-        channel.protocol = self.server.bench.buildProtocol(channel.peer)  # before channelOpen
-        return channel
+        checked = super().lookupChannel(channelType, windowSize, maxPacket, data)  # never opened
+        return ProtocolChannel(
+            self.server.bench.buildProtocol(checked.peer),
+            peer=checked.peer,
+            host=checked.host,
+            limits=checked.limits,
+            call_soon=lambda f: self.server.reactor.callLater(0, f),
+            clock=self.server.reactor.seconds,
+            label=checked.label,
+            remoteWindow=windowSize,
+            remoteMaxPacket=maxPacket,
+            avatar=self,
+        )
 
 
 class BenchRealm(HostRealm):

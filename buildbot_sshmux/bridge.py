@@ -498,6 +498,47 @@ class FlowControlledConnection(connection.SSHConnection):
         if tcp is not None and getattr(tcp, "producer", None) is None:
             tcp.registerProducer(self, True)
 
+    def packetReceived(self, messageNum: int, packet: bytes) -> None:
+        # Conch's formats its handler's name for every packet; this looks it up.
+        handlers = self.__dict__.get("_handlers")
+        if handlers is None:
+            handlers = self._handlers = {
+                number: getattr(self, "ssh_" + name[4:], None)
+                for number, name in self.protocolMessages.items()
+            }
+        handler = handlers.get(messageNum)
+        if handler is None:
+            self.unknown_message(messageNum, packet)
+        else:
+            handler(packet)
+
+    def unknown_message(self, messageNum: int, packet: bytes) -> None:
+        """A message this service has no handler for (Conch logs it, answers UNIMPLEMENTED)."""
+        super().packetReceived(messageNum, packet)
+
+    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
+        """Conch's, copying the data once (Conch slices the packet twice), and
+        saying who sent more than a channel's window or packet size."""
+        local, length = struct.unpack(">2L", packet[:8])
+        channel = self.channels[local]
+        if length > channel.localWindowLeft or length > channel.localMaxPacket:
+            self.too_much_data(channel, length)
+            self.sendClose(channel)
+            return
+        data = packet[8 : 8 + length]
+        if len(data) != length:
+            raise ValueError(f"CHANNEL_DATA of {len(data)} bytes says {length}")
+        channel.localWindowLeft -= length
+        if channel.localWindowLeft < channel.localWindowSize // 2:
+            self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
+        channel.dataReceived(data)
+
+    def too_much_data(self, channel: SSHChannel, n: int) -> None:
+        who = channel.describe() if isinstance(channel, ProtocolChannel) else f"channel {channel.id}"
+        log.warn(
+            "{channel}: {n} bytes of data exceed its window or packet size; channel closed", channel=who, n=n
+        )
+
     def adjustWindow(self, channel: SSHChannel, bytesToAdd: int) -> None:
         """Conch's, but withheld from channels that ask, and without Conch's
         debug line: Buildbot's master.log writes debug events, and a bulk

@@ -492,10 +492,7 @@ class MuxServerConnection(FlowControlledConnection):
         self.keepalive.stop()
         super().serviceStopped()
 
-    def packetReceived(self, messageNum: int, packet: bytes) -> None:
-        if messageNum in self.protocolMessages:
-            super().packetReceived(messageNum, packet)
-            return
+    def unknown_message(self, messageNum: int, packet: bytes) -> None:
         self.transport.peer_log.info(
             "{who}: unknown SSH message {number} ({size} bytes) ignored",
             who=self.transport.describe_peer(),
@@ -504,19 +501,13 @@ class MuxServerConnection(FlowControlledConnection):
         )
         self.transport.sendUnimplemented()
 
-    def ssh_CHANNEL_DATA(self, packet: bytes) -> None:
-        local, length = struct.unpack(">2L", packet[:8])
-        channel = self.channels[local]
-        if length > channel.localWindowLeft or length > channel.localMaxPacket:
-            self.transport.peer_log.warn(
-                "{who}: {n} bytes of data on channel {id} exceed its window or packet size; channel closed",
-                who=self.transport.describe_peer(),
-                n=length,
-                id=local,
-            )
-            self.sendClose(channel)
-            return
-        super().ssh_CHANNEL_DATA(packet)
+    def too_much_data(self, channel: Any, n: int) -> None:
+        self.transport.peer_log.warn(
+            "{who}: {n} bytes of data on channel {id} exceed its window or packet size; channel closed",
+            who=self.transport.describe_peer(),
+            n=n,
+            id=channel.id,
+        )
 
     # The master never opens a channel, so an answer to one is bogus; Conch
     # would apply it to the open channel of that number and corrupt it.  The
@@ -678,21 +669,29 @@ class MuxServerTransport(
                 )
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
-        if self.transport.disconnecting:
+        # Channel data, once keys are exchanged, takes the first test only.
+        if (messageNum < 50 or not self._initial_kex_done) and not self._transport_message_ok(
+            messageNum, len(payload)
+        ):
             return
+        super().dispatchMessage(messageNum, payload)
+
+    def _transport_message_ok(self, messageNum: int, size: int) -> bool:
+        """Whether to handle a transport-layer message, or one before the first key exchange."""
         if not self._initial_kex_done and not _before_kex_message(messageNum):
-            self.drop(f"SSH message {messageNum} before the key exchange", b"key exchange first")
-            return
+            if not self.transport.disconnecting:
+                self.drop(f"SSH message {messageNum} before the key exchange", b"key exchange first")
+            return False
         if messageNum < 50 and not hasattr(self, "ssh_" + transport.messages.get(messageNum, "MSG_?")[4:]):
             self.peer_log.info(
                 "{peer}: unknown SSH message {number} ({size} bytes) ignored",
                 peer=self.describe_peer(),
                 number=messageNum,
-                size=len(payload),
+                size=size,
             )
             self.sendUnimplemented()
-            return
-        super().dispatchMessage(messageNum, payload)
+            return False
+        return True
 
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
         name = getNS(packet)[0]

@@ -224,9 +224,11 @@ def tcp_endpoint(args: dict[str, Any], bind: str | None = None) -> Any:
     )
 
 
-async def connect_raw(args: dict[str, Any], login: keys.Key | None = None, timeout: float = 15.0) -> Raw:
-    """A `Raw` connection, ready (or ConnectionError / TimeoutError)."""
-    proto = await tcp_endpoint(args).connect(protocol.Factory.forProtocol(lambda: Raw(login)))
+async def connect_raw(
+    args: dict[str, Any], login: keys.Key | None = None, timeout: float = 15.0, bind: str | None = None
+) -> Raw:
+    """A `Raw` connection (from ``bind``), ready (or ConnectionError / TimeoutError)."""
+    proto = await tcp_endpoint(args, bind).connect(protocol.Factory.forProtocol(lambda: Raw(login)))
     ready = proto.ready
     ready.addTimeout(timeout, reactor)
     try:
@@ -349,7 +351,8 @@ def pins(args: dict[str, Any]) -> HostKeyPins:
 async def pkquery(args: dict[str, Any], control: Control) -> None:
     """Attack 1: unsigned "would this key do?" queries, an authorized host's public
     key and a 1 MB algorithm name, never reading the answers (PK_OK echoes both).
-    With ``connections`` > 1 they all connect at GO, each flooding once ready."""
+    With ``connections`` > 1 they all connect at GO, each flooding once ready
+    (with ``spread``, each from its own address)."""
     blob = public_key(args).blob()
     query = b"\x00" + NS(b"ssh-ed25519" + b"x" * (BIG - 11)) + NS(blob)
     n = args.get("connections", 1)
@@ -379,8 +382,10 @@ async def pkquery(args: dict[str, Any], control: Control) -> None:
         def settled(_: Any) -> None:
             flood.expecting -= 1
 
-        for _ in range(n):
-            d = defer.ensureDeferred(connect_raw(args))
+        for i in range(n):
+            # ``spread``: each from its own loopback address, as 100 hosts would be.
+            bind = f"127.0.2.{i + 1}" if args.get("spread") else None
+            d = defer.ensureDeferred(connect_raw(args, bind=bind))
             d.addCallbacks(joined, lambda f: errors.append(f.getErrorMessage()))
             d.addBoth(settled)
     report = await flood.start()

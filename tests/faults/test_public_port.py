@@ -344,12 +344,16 @@ class PublicPortAttacks(FaultCase):
         settle_limit: float = 10.0,
         watch: tuple[str, ...] = (),
         attacker_args: Callable[[Any], dict[str, Any]] = lambda master: {},
+        full_startups: bool = False,
     ) -> tuple[dict[str, Any], list[str]]:
         """Run one attack against a fresh master; return its figures and the
         budgets it broke (`conclude` prints and asserts them).
         ``attacker_args(master)``: the attack's own arguments (the site
         exists by then); ``watch``: more workers whose detachments are
-        recorded (in ``self.watched_detached``)."""
+        recorded (in ``self.watched_detached``); ``full_startups``: the
+        attack fills max_startups from as many addresses, so a new login
+        may be refused meanwhile, as sshd would refuse it (counted, not a
+        broken budget: the launcher retries; logged-in hosts must go on)."""
         self.make_site([LEGIT, ATTACKER, PROBE])
         hosts = [LEGIT, ATTACKER] if attacker_workers else [LEGIT]
         master = await self.start_master(PROJECTS, hosts)
@@ -480,7 +484,7 @@ class PublicPortAttacks(FaultCase):
                 f"the legitimate host waited {probes['legit_worst_latency_s']:.2f} s"
                 f" (budget {LATENCY_BUDGET:.0f} s)"
             )
-        if probes["legit_probe_failures"]:
+        if probes["legit_probe_failures"] and not full_startups:
             problems.append(
                 f"{probes['legit_probe_failures']} of {probes['legit_probes']} legitimate logins failed"
                 f" ({probes['legit_failure_example']})"
@@ -689,6 +693,36 @@ class PublicPortAttacks(FaultCase):
             cap=2 << 30,
             rss_budget=RSS_BUDGET_MANY,
             attacker_args=lambda master: {**self.legit_public_key(master), "connections": 100},
+        )
+        report = self.report_raw
+        values.update(
+            flooders_wanted=report.get("wanted"),
+            flooders_ready=report.get("connections"),
+            flooders_refused_at_connect=report.get("refused_at_connect"),
+            flooders_still_connecting=report.get("still_connecting"),
+            flooders_connect_errors=report.get("connect_errors"),
+        )
+        self.conclude(title, values, problems)
+
+    @inline
+    async def test_6c_100_sources_each_flooding_key_queries(self) -> None:
+        """100 connections at once, each from its own address (127.0.2.1-100), each
+        doing attack 1a as soon as it can: the per-source limit does not apply,
+        max_startups and max_unauthenticated_memory do (while all 100 are
+        pending, max_startups is full and a new login may be refused)."""
+        title = "6c 100 sources each flooding key queries"
+        values, problems = await self.attack(
+            title,
+            "pkquery",
+            seconds=6.0,
+            cap=2 << 30,
+            rss_budget=RSS_BUDGET_MANY,
+            attacker_args=lambda master: {
+                **self.legit_public_key(master),
+                "connections": 100,
+                "spread": True,
+            },
+            full_startups=True,
         )
         report = self.report_raw
         values.update(

@@ -322,6 +322,34 @@ class AfterLoginTests(TestCase):
         self.assertIn(fingerprint(HOST_KEY), line)
         self.logs.assertBounded(20)
 
+    def opened(self, client: Any, wire: Any, sender: int = 0) -> int:
+        """Open a channel to the PB port; the master's number for it."""
+        self.open_to(client, b"localhost", sender)
+        wire.flush()
+        [confirm] = [
+            p for n, p in client.conn.received if n == 91 and struct.unpack(">L", p[:4])[0] == sender
+        ]
+        return int(struct.unpack(">L", confirm[4:8])[0])
+
+    def test_data_past_the_packet_size_closes_that_channel(self) -> None:
+        client, server, wire = raw_login(self.pair.factory, self.pair.clock)
+        channel = self.opened(client, wire)
+        client.sendPacket(94, struct.pack(">L", channel) + NS(b"x" * (64 * KiB + 1)))
+        wire.flush()
+        self.assertIn(97, [n for n, _ in client.conn.received])  # CHANNEL_CLOSE
+        self.assertFalse(server.transport.disconnecting)
+        [line] = [t for t in self.logs.texts() if "exceed its window or packet size" in t]
+        self.assertIn("host debian-sid", line)
+        self.assertIn(f"channel {channel}", line)
+
+    def test_data_shorter_than_it_says_drops_the_peer(self) -> None:
+        client, server, wire = raw_login(self.pair.factory, self.pair.clock)
+        channel = self.opened(client, wire)
+        client.sendPacket(94, struct.pack(">LL", channel, 100) + b"short")
+        wire.flush()
+        self.assertTrue(server.transport.disconnecting)
+        self.assertTrue([t for t in self.logs.texts() if "malformed SSH message 94" in t])
+
     def test_refusals_do_not_echo_a_long_target(self) -> None:
         client, server, wire = raw_login(self.pair.factory, self.pair.clock)
         self.open_to(client, b"h" * 30_000, 0)
