@@ -685,24 +685,7 @@ class PublicPortAttacks(FaultCase):
     async def test_6b_100_connections_each_flooding_key_queries(self) -> None:
         """100 connections at once from 127.0.0.1, each doing attack 1a as soon as it
         can (a per-source limit may refuse most of them: what the master holds counts)."""
-        title = "6b 100 connections each flooding key queries"
-        values, problems = await self.attack(
-            title,
-            "pkquery",
-            seconds=6.0,
-            cap=2 << 30,
-            rss_budget=RSS_BUDGET_MANY,
-            attacker_args=lambda master: {**self.legit_public_key(master), "connections": 100},
-        )
-        report = self.report_raw
-        values.update(
-            flooders_wanted=report.get("wanted"),
-            flooders_ready=report.get("connections"),
-            flooders_refused_at_connect=report.get("refused_at_connect"),
-            flooders_still_connecting=report.get("still_connecting"),
-            flooders_connect_errors=report.get("connect_errors"),
-        )
-        self.conclude(title, values, problems)
+        await self.flooders("6b 100 connections each flooding key queries", spread=False)
 
     @inline
     async def test_6c_100_sources_each_flooding_key_queries(self) -> None:
@@ -710,7 +693,10 @@ class PublicPortAttacks(FaultCase):
         doing attack 1a as soon as it can: the per-source limit does not apply,
         max_startups and max_unauthenticated_memory do (while all 100 are
         pending, max_startups is full and a new login may be refused)."""
-        title = "6c 100 sources each flooding key queries"
+        await self.flooders("6c 100 sources each flooding key queries", spread=True)
+
+    async def flooders(self, title: str, spread: bool) -> None:
+        """Attack 1a from 100 connections at once (each from its own address if ``spread``)."""
         values, problems = await self.attack(
             title,
             "pkquery",
@@ -720,9 +706,9 @@ class PublicPortAttacks(FaultCase):
             attacker_args=lambda master: {
                 **self.legit_public_key(master),
                 "connections": 100,
-                "spread": True,
+                "spread": spread,
             },
-            full_startups=True,
+            full_startups=spread,
         )
         report = self.report_raw
         values.update(

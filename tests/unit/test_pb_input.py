@@ -19,8 +19,8 @@ from zope.interface import implementer
 from buildbot_sshmux.bridge import InputRefused
 from buildbot_sshmux.pbinput import SLICE, BananaInput, PBInputLimits
 
-from .sshharness import Echo, LogCapture, SSHPair
-from .test_channel_faults import WHERE, PBSession, b128
+from .sshharness import Echo
+from .test_channel_faults import WHERE, FaultsTestCase, PBSession, b128
 
 LIMITS = PBInputLimits()  # what lookupChannel gives every channel
 OPEN_LIST = b128(banana.SIZE_LIMIT) + banana.LIST  # a list that the test never closes
@@ -30,13 +30,9 @@ def string(data: bytes) -> bytes:
     return b128(len(data)) + banana.STRING + data
 
 
-class PBInputTestCase(TestCase):
+class PBInputTestCase(FaultsTestCase):
     def setUp(self) -> None:
-        self.logs = LogCapture(self)
-        self.pair = SSHPair(self)
-        self.pair.checker.addUser(b"glib-debian-sid", b"pw")
-        self.pair.start()
-        self.conn = self.pair.connection()
+        super().setUp()
         # Another session of the host, logged in: it must never notice.
         self.bystander = PBSession(self, self.pair, "glib-debian-sid")
         self.bystander.login()
