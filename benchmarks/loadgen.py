@@ -28,8 +28,8 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from benchmarks.common import percentile, sleep
-from buildbot_sshmux.client import ChannelEndpoint, HostKeyPins, MasterLink
-from buildbot_sshmux.keys import load_private_key
+from buildbot_sshmux.wire.keys import load_private_key
+from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
 
 PAYLOAD = b"w" * (64 * 1024)
 

@@ -25,10 +25,10 @@ from twisted.spread import pb
 
 from benchmarks import common
 from benchmarks.delay import DelayRelay
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.bridge import ProtocolChannel
-from buildbot_sshmux.keys import generate_ed25519, load_private_key, public_line, write_private_key
-from buildbot_sshmux.server import HostAvatar, HostRealm, SSHMuxFactory
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.server import HostAvatar, HostRealm, SSHMuxFactory
+from buildbot_sshmux.wire.channel import ProtocolChannel
+from buildbot_sshmux.wire.keys import generate_ed25519, load_private_key, public_line, write_private_key
 
 CHUNK = 64 * 1024
 

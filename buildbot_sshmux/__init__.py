@@ -15,7 +15,7 @@ __version__ = "0.1.0.dev0"
 
 def __getattr__(name: str) -> Any:
     if name == "SSHMuxService":
-        from buildbot_sshmux.service import SSHMuxService
+        from buildbot_sshmux.master.service import SSHMuxService
 
         return SSHMuxService
     raise AttributeError(name)

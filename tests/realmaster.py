@@ -12,7 +12,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 
 
 class RealMasterCase(unittest.TestCase):

@@ -23,8 +23,8 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks import common
-from buildbot_sshmux import testing as T
-from buildbot_sshmux.limits import ServerLimits
+from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.master.limits import ServerLimits
 
 HOST = "bench"
 PER_BUILDER = 10

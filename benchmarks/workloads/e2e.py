@@ -36,7 +36,7 @@ from twisted.internet import defer
 
 from benchmarks import common
 from benchmarks.workloads.attach import HOST, start_workers
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 
 LINE = b"".join(b"%x" % (i % 16) for i in range(63)) + b"\n"
 """One stdout line of the log stream (64 bytes); the log's bytes are a multiple of it."""

@@ -14,7 +14,7 @@ from typing import Any
 
 from benchmarks import common
 from benchmarks.server import DataServer
-from buildbot_sshmux.bridge import FlowLimits
+from buildbot_sshmux.wire.channel import FlowLimits
 
 
 async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> dict[str, Any]:

@@ -34,7 +34,7 @@ def known_hosts_name(host: str, port: str) -> str:
 
 
 def cmd_init(args: argparse.Namespace) -> int:
-    from buildbot_sshmux.keys import fingerprint, generate, public_line, write_private_key
+    from buildbot_sshmux.wire.keys import fingerprint, generate, public_line, write_private_key
 
     host, port = split_address(args.address)
     basedir = Path(args.basedir)
@@ -66,7 +66,7 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 
 def cmd_hostkey(args: argparse.Namespace) -> int:
-    from buildbot_sshmux.keys import fingerprint, load_private_key, public_line
+    from buildbot_sshmux.wire.keys import fingerprint, load_private_key, public_line
 
     paths = [Path(p) for p in args.key] or sorted(Path(args.basedir, "sshmux").glob("ssh_host_*_key"))
     if not paths:
@@ -81,7 +81,7 @@ def cmd_hostkey(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from buildbot_sshmux import demo
+    from buildbot_sshmux.demo import run as demo
 
     return demo.main(args.demo_args)
 

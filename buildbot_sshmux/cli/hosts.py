@@ -8,9 +8,9 @@ from pathlib import Path
 
 from twisted.conch.ssh import keys
 
-from buildbot_sshmux import authorized_hosts
-from buildbot_sshmux.authorized_hosts import LineError
 from buildbot_sshmux.errors import SSHMuxError
+from buildbot_sshmux.master import authorized_hosts
+from buildbot_sshmux.master.authorized_hosts import LineError
 
 DEFAULT_FILE = "sshmux/authorized_hosts"
 

@@ -20,8 +20,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         textFileLogObserver,
     )
 
-    from buildbot_sshmux import launcher_config
-    from buildbot_sshmux.launcher import Launcher
+    from buildbot_sshmux.worker import config as launcher_config
+    from buildbot_sshmux.worker.launcher import Launcher
 
     config = launcher_config.load(args.config)
     launcher = Launcher(config, reactor)
@@ -41,7 +41,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 def cmd_keygen(args: argparse.Namespace) -> int:
     import getpass
 
-    from buildbot_sshmux.keys import fingerprint, generate_ed25519, public_line, write_private_key
+    from buildbot_sshmux.wire.keys import fingerprint, generate_ed25519, public_line, write_private_key
 
     path = Path(args.path)
     if path.exists():

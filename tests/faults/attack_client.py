@@ -46,8 +46,8 @@ from twisted.logger import (  # noqa: E402
 from twisted.protocols.basic import LineReceiver  # noqa: E402
 from twisted.spread import banana, pb  # noqa: E402
 
-from buildbot_sshmux.client import ChannelEndpoint, HostKeyPins, MasterLink  # noqa: E402
-from buildbot_sshmux.keys import load_private_key  # noqa: E402
+from buildbot_sshmux.wire.keys import load_private_key  # noqa: E402
+from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink  # noqa: E402
 from tests.unit.sshharness import RawSSHClient  # noqa: E402
 
 KiB = 1024
@@ -642,8 +642,8 @@ async def pb_error(args: dict[str, Any], control: Control) -> None:
     """Attack 4: a real launcher (two real buildbot-worker sessions over one SSH
     connection) whose first session sends a Banana token the master must
     refuse (a STRING longer than Banana's 640 KiB limit)."""
-    from buildbot_sshmux import launcher_config
-    from buildbot_sshmux.launcher import Launcher
+    from buildbot_sshmux.worker import config as launcher_config
+    from buildbot_sshmux.worker.launcher import Launcher
 
     launcher = Launcher(launcher_config.load(args["config"]), reactor)
     launcher.startService()

@@ -17,7 +17,7 @@ from typing import Any
 
 from twisted.internet import defer, reactor
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 from tests.realmaster import RealMasterCase
 
 FIGURES: list[tuple[str, dict[str, Any]]] = []

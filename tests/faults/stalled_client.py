@@ -26,8 +26,8 @@ from twisted.internet import defer, reactor, stdio, task
 from twisted.protocols.basic import LineReceiver
 from twisted.spread import pb
 
-from buildbot_sshmux.client import ChannelEndpoint, HostKeyPins, MasterLink
-from buildbot_sshmux.keys import load_private_key
+from buildbot_sshmux.wire.keys import load_private_key
+from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
 
 BATCH = 32 * 1024
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 from buildbot.process.results import SUCCESS
 from twisted.internet import defer, reactor, task
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 
 from .harness import FaultCase, figures
 from .relay import FaultRelay

@@ -18,7 +18,7 @@ from typing import Any
 from buildbot.process.results import EXCEPTION, RETRY, SUCCESS, Results
 from twisted.internet import defer, reactor, task
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 
 from ..integration.relay import Relay
 from .harness import FaultCase, figures

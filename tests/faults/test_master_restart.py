@@ -13,7 +13,7 @@ from __future__ import annotations
 from buildbot.process.results import SUCCESS
 from twisted.internet import defer, reactor
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 
 from .harness import FaultCase, figures, many_workers_config
 

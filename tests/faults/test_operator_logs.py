@@ -19,8 +19,8 @@ from cryptography.hazmat.primitives import serialization
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
 
-from buildbot_sshmux import testing as T
-from buildbot_sshmux.keys import load_private_key
+from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.wire.keys import load_private_key
 
 from .harness import FaultCase, figures
 from .relay import FaultRelay

@@ -57,8 +57,8 @@ from twisted.logger import globalLogBeginner, globalLogPublisher
 from twisted.python import context
 from twisted.python import log as legacy_log
 
-from buildbot_sshmux import testing as T
-from buildbot_sshmux.keys import load_private_key, public_line
+from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.wire.keys import load_private_key, public_line
 
 from .harness import FaultCase, TimedLog, figures, vm_rss_kib
 

@@ -14,7 +14,7 @@ import shutil
 
 from twisted.internet import defer, reactor
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 
 from .harness import FaultCase, figures
 

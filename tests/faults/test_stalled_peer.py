@@ -23,7 +23,7 @@ from typing import Any
 from buildbot.process.results import SUCCESS
 from twisted.internet import defer, protocol, reactor, task
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 
 from .harness import FaultCase, figures, vm_rss_kib
 

@@ -30,9 +30,9 @@ from typing import Any
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, reactor
 
-from buildbot_sshmux import testing as T
-from buildbot_sshmux.authorized_hosts import format_entry, remove_entries
-from buildbot_sshmux.keys import fingerprint, generate, load_private_key, public_line, write_private_key
+from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.master.authorized_hosts import format_entry, remove_entries
+from buildbot_sshmux.wire.keys import fingerprint, generate, load_private_key, public_line, write_private_key
 from tests.realmaster import RealMasterCase
 
 PROJECTS = ["proj-1", "proj-2"]
@@ -423,7 +423,9 @@ class OldPinRefusesNewKey(KeysTestCase):
         # offered key is the launcher's own refusal (no repr of a Failure, no traceback).
         offered = [line for line in output.splitlines() if new_fp in line]
         self.assertEqual(offered, mismatch_lines(), "\n".join(offered))
-        self.assertTrue(all("[buildbot_sshmux.client#error]" in line for line in offered), "\n".join(offered))
+        self.assertTrue(
+            all("[buildbot_sshmux.worker.link#error]" in line for line in offered), "\n".join(offered)
+        )
         self.assertNotIn("Traceback", output)
         self.assertGreaterEqual(output.count("redialling master"), 1, self.diagnostics())
         self.assertNotIn("connected to master", output)

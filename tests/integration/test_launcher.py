@@ -23,7 +23,7 @@ from twisted.internet import defer, reactor, task
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.spread import pb
 
-from buildbot_sshmux import testing as T
+from buildbot_sshmux.demo import harness as T
 from tests.realmaster import RealMasterCase
 
 from .relay import Relay

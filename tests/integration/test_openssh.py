@@ -36,8 +36,8 @@ try:
 except ImportError:  # pragma: no cover
     buildbot = None
 
-from buildbot_sshmux import testing as T
-from buildbot_sshmux.keys import fingerprint, load_private_key
+from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.wire.keys import fingerprint, load_private_key
 
 pytestmark = pytest.mark.openssh
 

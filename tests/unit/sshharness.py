@@ -24,11 +24,11 @@ from twisted.test.iosim import FakeTransport
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.bridge import FlowLimits
-from buildbot_sshmux.client import HostKeyPins, MasterLink, MuxClientConnection, MuxClientTransport
-from buildbot_sshmux.keys import generate_ed25519
-from buildbot_sshmux.server import MuxServerConnection, MuxServerTransport, SSHMuxFactory
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.server import MuxServerConnection, MuxServerTransport, SSHMuxFactory
+from buildbot_sshmux.wire.channel import FlowLimits
+from buildbot_sshmux.wire.keys import generate_ed25519
+from buildbot_sshmux.worker.link import HostKeyPins, MasterLink, MuxClientConnection, MuxClientTransport
 
 PB_PORT = 9989
 MASTER_ADDRESS = IPv4Address("TCP", "192.0.2.10", 2222)
@@ -285,7 +285,7 @@ def mux_clocked_services(clock: Clock) -> dict[bytes, Any]:
     """The server's real services, on ``clock``: `MuxUserAuthServer` knows the
     peer's address, so ``from=`` is checked at login (`clocked_services` uses
     Conch's plain userauth, which does not)."""
-    from buildbot_sshmux.server import MuxUserAuthServer
+    from buildbot_sshmux.master.server import MuxUserAuthServer
 
     auth = type("ClockedMuxUserAuthServer", (MuxUserAuthServer,), {"clock": clock})
     return {b"ssh-userauth": auth, b"ssh-connection": MuxServerConnection}
@@ -383,7 +383,7 @@ def tune(
     to a side that closed its transport, as with real sockets)."""
     import random
 
-    from buildbot_sshmux.limits import StartupGate
+    from buildbot_sshmux.master.limits import StartupGate
 
     if liveness is not None:
         pair.factory.liveness = liveness

@@ -1,5 +1,5 @@
-"""AEAD packet ciphers (`buildbot_sshmux.aead`), their framing in the
-transports and strict key exchange (`buildbot_sshmux.sshtransport`), in memory.
+"""AEAD packet ciphers (`buildbot_sshmux.wire.aead`), their framing in the
+transports and strict key exchange (`buildbot_sshmux.wire.transport`), in memory.
 
 Interop with stock OpenSSH, both directions, is in
 tests/integration/test_openssh.py.
@@ -17,9 +17,9 @@ from twisted.internet import defer
 from twisted.test.iosim import FakeTransport
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.aead import AESGCMCipher, ChaCha20Poly1305Cipher, RandomPadding, padding_length
-from buildbot_sshmux.client import MuxClientTransport
-from buildbot_sshmux.sshtransport import IMPLICIT_MAC, Ciphers
+from buildbot_sshmux.wire.aead import AESGCMCipher, ChaCha20Poly1305Cipher, RandomPadding, padding_length
+from buildbot_sshmux.wire.transport import IMPLICIT_MAC, Ciphers
+from buildbot_sshmux.worker.link import MuxClientTransport
 
 from .sshharness import LogCapture, SSHPair
 from .test_liveness import NO_KEEPALIVE, EchoSession, payloads, tune

@@ -8,8 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.authorized_hosts import HostEntry, LineError, load, parse_line, parse_lines
-from buildbot_sshmux.keys import fingerprint, generate_ed25519, public_line
+from buildbot_sshmux.master.authorized_hosts import HostEntry, LineError, load, parse_line, parse_lines
+from buildbot_sshmux.wire.keys import fingerprint, generate_ed25519, public_line
 
 from .tmpdirs import scratch_dir
 

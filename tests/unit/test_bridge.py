@@ -20,9 +20,9 @@ from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from buildbot_sshmux.bridge import ChannelAddress, FlowLimits, ProtocolChannel
-from buildbot_sshmux.client import ChannelEndpoint
-from buildbot_sshmux.server import HostAvatar, HostRealm, SSHMuxFactory
+from buildbot_sshmux.master.server import HostAvatar, HostRealm, SSHMuxFactory
+from buildbot_sshmux.wire.channel import ChannelAddress, FlowLimits, ProtocolChannel
+from buildbot_sshmux.worker.link import ChannelEndpoint
 
 from .sshharness import PB_PORT, LogCapture, SSHPair
 

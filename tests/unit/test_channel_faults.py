@@ -14,8 +14,8 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.spread import banana, pb
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.client import ChannelEndpoint
-from buildbot_sshmux.pbinput import PBChannel
+from buildbot_sshmux.master.pbinput import PBChannel
+from buildbot_sshmux.worker.link import ChannelEndpoint
 
 from .sshharness import PB_PORT, WORKER_HOST_ADDRESS, LogCapture, SSHPair
 

@@ -6,9 +6,10 @@ from pathlib import Path
 
 from twisted.trial import unittest
 
-from buildbot_sshmux import authorized_hosts, launcher_config
-from buildbot_sshmux.client import HostKeyPins
-from buildbot_sshmux.keys import fingerprint, load_private_key
+from buildbot_sshmux.master import authorized_hosts
+from buildbot_sshmux.wire.keys import fingerprint, load_private_key
+from buildbot_sshmux.worker import config as launcher_config
+from buildbot_sshmux.worker.link import HostKeyPins
 
 EXAMPLES = Path(__file__).resolve().parents[2] / "keys.example"
 

@@ -27,13 +27,13 @@ from twisted.internet.testing import StringTransport
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.aead import AEAD_CIPHERS
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.bridge import ProtocolChannel
-from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.limits import ServerLimits
-from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Liveness
-from buildbot_sshmux.sshtransport import AEADFraming, StrictKeyExchange
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.limits import ServerLimits
+from buildbot_sshmux.wire.aead import AEAD_CIPHERS
+from buildbot_sshmux.wire.channel import ProtocolChannel
+from buildbot_sshmux.wire.keys import fingerprint
+from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Liveness
+from buildbot_sshmux.wire.transport import AEADFraming, StrictKeyExchange
 
 from .sshharness import (
     HOST_KEY,

@@ -12,7 +12,7 @@ import stat
 
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.authorized_hosts import (
+from buildbot_sshmux.master.authorized_hosts import (
     HostEntry,
     LineError,
     add_entry,
@@ -23,7 +23,7 @@ from buildbot_sshmux.authorized_hosts import (
     parse_lines,
     remove_entries,
 )
-from buildbot_sshmux.keys import fingerprint, generate, generate_ed25519, public_line
+from buildbot_sshmux.wire.keys import fingerprint, generate, generate_ed25519, public_line
 
 from .tmpdirs import scratch_dir
 

@@ -15,7 +15,7 @@ from twisted.conch.ssh import keys
 from twisted.trial.unittest import SkipTest, TestCase
 
 from buildbot_sshmux.errors import KeyFileError
-from buildbot_sshmux.keys import (
+from buildbot_sshmux.wire.keys import (
     fingerprint,
     generate_ed25519,
     load_private_key,

@@ -17,18 +17,18 @@ from unittest import mock
 from twisted.conch.ssh import keys
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux import launcher_config
-from buildbot_sshmux.authorized_hosts import load
 from buildbot_sshmux.cli import admin, ssh_worker
-from buildbot_sshmux.client import HostKeyPins
 from buildbot_sshmux.errors import ConfigError, KeyFileError
-from buildbot_sshmux.keys import (
+from buildbot_sshmux.master.authorized_hosts import load
+from buildbot_sshmux.wire.keys import (
     fingerprint,
     generate_ed25519,
     load_private_key,
     public_line,
     write_private_key,
 )
+from buildbot_sshmux.worker import config as launcher_config
+from buildbot_sshmux.worker.link import HostKeyPins
 
 from .tmpdirs import scratch_dir
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux import launcher_config
 from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.worker import config as launcher_config
 
 from .tmpdirs import scratch_dir
 

@@ -1,4 +1,4 @@
-"""sshd-like limits of the master (`buildbot_sshmux.limits`, `server`, `service.settings`).
+"""sshd-like limits of the master (`buildbot_sshmux.master.limits`, `server`, `service.settings`).
 
 MaxStartups early drop, login grace time, max auth tries, max channels per
 connection, max connections per host key, and the validation of
@@ -19,13 +19,13 @@ from twisted.internet import protocol
 from twisted.internet.address import IPv4Address
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.bridge import FlowLimits
-from buildbot_sshmux.keys import fingerprint, generate_ed25519
-from buildbot_sshmux.limits import ServerLimits, StartupGate
-from buildbot_sshmux.liveness import Liveness
-from buildbot_sshmux.pbinput import PBInputLimits
-from buildbot_sshmux.service import SSHMuxService, settings
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.limits import ServerLimits, StartupGate
+from buildbot_sshmux.master.pbinput import PBInputLimits
+from buildbot_sshmux.master.service import SSHMuxService, settings
+from buildbot_sshmux.wire.channel import FlowLimits
+from buildbot_sshmux.wire.keys import fingerprint, generate_ed25519
+from buildbot_sshmux.wire.liveness import Liveness
 
 from .sshharness import (
     HOST_KEY,

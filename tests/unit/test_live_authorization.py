@@ -21,11 +21,11 @@ from twisted.internet.address import IPv4Address, IPv6Address
 from twisted.spread import pb
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.client import ChannelEndpoint, MasterLink
 from buildbot_sshmux.errors import ChannelRefused
-from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.server import AuthorizedHostsChecker, HostAvatar, ValidPublicKey
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.server import AuthorizedHostsChecker, HostAvatar, ValidPublicKey
+from buildbot_sshmux.wire.keys import fingerprint
+from buildbot_sshmux.worker.link import ChannelEndpoint, MasterLink
 
 from .sshharness import (
     HOST_KEY,

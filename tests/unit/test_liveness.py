@@ -1,4 +1,4 @@
-"""Keepalives and rekeying on a live, in-memory SSH connection (`buildbot_sshmux.liveness`).
+"""Keepalives and rekeying on a live, in-memory SSH connection (`buildbot_sshmux.wire.liveness`).
 
 Time is a `task.Clock`; a blackholed peer is a `Wire` direction held back, so
 nothing sleeps and nothing opens a socket.
@@ -15,11 +15,11 @@ from twisted.logger import LogLevel
 from twisted.spread import pb
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.bridge import ProtocolChannel
-from buildbot_sshmux.client import ChannelEndpoint, MuxClientConnection, MuxClientTransport
-from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Liveness
-from buildbot_sshmux.server import HostAvatar
+from buildbot_sshmux.master.server import HostAvatar
+from buildbot_sshmux.wire.channel import ProtocolChannel
+from buildbot_sshmux.wire.keys import fingerprint
+from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Liveness
+from buildbot_sshmux.worker.link import ChannelEndpoint, MuxClientConnection, MuxClientTransport
 
 from .sshharness import HOST_KEY, PB_PORT, WORKER_HOST_ADDRESS, LogCapture, SSHPair, tune
 
@@ -508,7 +508,7 @@ class CountMaxZeroTests(TestCase):
         from twisted.internet.task import Clock
         from twisted.internet.testing import StringTransport
 
-        from buildbot_sshmux.liveness import Keepalive, Liveness
+        from buildbot_sshmux.wire.liveness import Keepalive, Liveness
 
         class Silent:
             def __init__(self) -> None:

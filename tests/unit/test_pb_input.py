@@ -16,8 +16,8 @@ from twisted.spread import banana, pb
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from buildbot_sshmux.bridge import InputRefused
-from buildbot_sshmux.pbinput import SLICE, BananaInput, PBInputLimits
+from buildbot_sshmux.master.pbinput import SLICE, BananaInput, PBInputLimits
+from buildbot_sshmux.wire.channel import InputRefused
 
 from .sshharness import Echo
 from .test_channel_faults import WHERE, FaultsTestCase, PBSession, b128

@@ -24,11 +24,16 @@ from twisted.logger import formatEvent
 from twisted.python.failure import Failure
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.keys import fingerprint, generate_ed25519
-from buildbot_sshmux.limits import MAX_NAME, PREAUTH_MAX_PACKET, ServerLimits
-from buildbot_sshmux.liveness import Liveness
-from buildbot_sshmux.server import MuxServerConnection, MuxServerTransport, MuxUserAuthServer, SSHMuxFactory
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.limits import MAX_NAME, PREAUTH_MAX_PACKET, ServerLimits
+from buildbot_sshmux.master.server import (
+    MuxServerConnection,
+    MuxServerTransport,
+    MuxUserAuthServer,
+    SSHMuxFactory,
+)
+from buildbot_sshmux.wire.keys import fingerprint, generate_ed25519
+from buildbot_sshmux.wire.liveness import Liveness
 
 from .sshharness import (
     HOST_KEY,
@@ -435,7 +440,7 @@ class ConnectionLoginBytesTests(TestCase):
         # channels of one connection may send connection_login_bytes.
         from twisted.spread import banana
 
-        from buildbot_sshmux.pbinput import PBInputLimits
+        from buildbot_sshmux.master.pbinput import PBInputLimits
 
         logs = LogCapture(self)
         pair = pair_with(self)

@@ -6,9 +6,9 @@ from twisted.conch.ssh import transport
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.client import HostKeyPins, MasterLink, MuxClientTransport
 from buildbot_sshmux.errors import HostKeyMismatch
-from buildbot_sshmux.keys import fingerprint, generate
+from buildbot_sshmux.wire.keys import fingerprint, generate
+from buildbot_sshmux.worker.link import HostKeyPins, MasterLink, MuxClientTransport
 
 from .test_ssh_keygen_interop import NoEndpoint
 

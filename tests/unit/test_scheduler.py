@@ -9,7 +9,7 @@ from twisted.internet.address import IPv4Address
 from twisted.internet.protocol import Protocol
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.bridge import FlowControlledConnection, FlowLimits, ProtocolChannel
+from buildbot_sshmux.wire.channel import FlowControlledConnection, FlowLimits, ProtocolChannel
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 9989)
 LIMITS = FlowLimits(max_packet=1000, high_water=10**6, max_buffer=10**7)

@@ -23,14 +23,14 @@ from twisted.internet import defer, protocol
 from twisted.spread import pb
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.authorization import HostPortal
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.bridge import ProtocolChannel
-from buildbot_sshmux.client import ChannelEndpoint, HostKeyPins, MuxClientTransport
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
-from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.server import PBUnavailable, is_loopback
-from buildbot_sshmux.sshtransport import prefer
+from buildbot_sshmux.master.authorization import HostPortal
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.server import PBUnavailable, is_loopback
+from buildbot_sshmux.wire.channel import ProtocolChannel
+from buildbot_sshmux.wire.keys import fingerprint
+from buildbot_sshmux.wire.transport import prefer
+from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MuxClientTransport
 
 from .sshharness import (
     HOST_KEY,

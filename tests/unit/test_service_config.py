@@ -7,8 +7,8 @@ import os
 from buildbot.config.errors import capture_config_errors
 from twisted.trial import unittest
 
-from buildbot_sshmux.keys import generate_ed25519, public_line, write_private_key
-from buildbot_sshmux.service import SSHMuxService
+from buildbot_sshmux.master.service import SSHMuxService
+from buildbot_sshmux.wire.keys import generate_ed25519, public_line, write_private_key
 from tests.unit.tmpdirs import scratch_dir
 
 

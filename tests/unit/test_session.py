@@ -24,8 +24,8 @@ from twisted.spread import pb
 from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
-from buildbot_sshmux.client import backoff
-from buildbot_sshmux.session import SessionBotFactory, WorkerSession
+from buildbot_sshmux.worker.link import backoff
+from buildbot_sshmux.worker.session import SessionBotFactory, WorkerSession
 
 from .tmpdirs import scratch_dir
 

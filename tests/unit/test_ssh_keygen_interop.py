@@ -17,9 +17,9 @@ from twisted.conch.ssh import keys, transport
 from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
-from buildbot_sshmux.client import HostKeyPins, MasterLink, MuxClientTransport
 from buildbot_sshmux.errors import KeyFileError
-from buildbot_sshmux.keys import fingerprint, generate, load_private_key, public_line, write_private_key
+from buildbot_sshmux.wire.keys import fingerprint, generate, load_private_key, public_line, write_private_key
+from buildbot_sshmux.worker.link import HostKeyPins, MasterLink, MuxClientTransport
 
 from .tmpdirs import scratch_dir
 

@@ -37,11 +37,9 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
-from buildbot_sshmux.authorization import HostPortal
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
-from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.limits import (
+from buildbot_sshmux.master.authorization import HostPortal
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.limits import (
     MAX_KEY_BLOB,
     MAX_NAME,
     MAX_SIGNATURE,
@@ -50,10 +48,12 @@ from buildbot_sshmux.limits import (
     ServerLimits,
     StartupGate,
 )
-from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
-from buildbot_sshmux.pbinput import PBChannel, PBInputLimits
-from buildbot_sshmux.peerlog import PeerLogs, quote
-from buildbot_sshmux.sshtransport import (
+from buildbot_sshmux.master.pbinput import PBChannel, PBInputLimits
+from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
+from buildbot_sshmux.wire.keys import fingerprint
+from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.wire.peerlog import PeerLogs, quote
+from buildbot_sshmux.wire.transport import (
     MAX_PACKET_LENGTH,
     SUPPORTED_CIPHERS,
     SUPPORTED_MACS,

@@ -27,15 +27,15 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from buildbot_sshmux import authorized_hosts
-from buildbot_sshmux.authorized_hosts import HostEntry
-from buildbot_sshmux.bridge import FlowLimits
 from buildbot_sshmux.errors import KeyFileError
-from buildbot_sshmux.keys import fingerprint, load_private_key
-from buildbot_sshmux.limits import ServerLimits, StartupGate
-from buildbot_sshmux.liveness import Liveness
-from buildbot_sshmux.pbinput import PBInputLimits
-from buildbot_sshmux.server import PBUnavailable, SSHMuxFactory
+from buildbot_sshmux.master import authorized_hosts
+from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.limits import ServerLimits, StartupGate
+from buildbot_sshmux.master.pbinput import PBInputLimits
+from buildbot_sshmux.master.server import PBUnavailable, SSHMuxFactory
+from buildbot_sshmux.wire.channel import FlowLimits
+from buildbot_sshmux.wire.keys import fingerprint, load_private_key
+from buildbot_sshmux.wire.liveness import Liveness
 
 log = Logger()
 

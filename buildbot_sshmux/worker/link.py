@@ -25,12 +25,12 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from buildbot_sshmux.bridge import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
-from buildbot_sshmux.keys import fingerprint
-from buildbot_sshmux.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
-from buildbot_sshmux.peerlog import quote
-from buildbot_sshmux.sshtransport import (
+from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
+from buildbot_sshmux.wire.keys import fingerprint
+from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.wire.peerlog import quote
+from buildbot_sshmux.wire.transport import (
     SUPPORTED_CIPHERS,
     SUPPORTED_MACS,
     AEADFraming,

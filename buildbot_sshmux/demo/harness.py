@@ -20,7 +20,7 @@ from twisted.internet import defer, task
 from twisted.logger import ILogObserver
 from zope.interface import implementer
 
-from buildbot_sshmux.keys import generate_ed25519, public_line, write_private_key
+from buildbot_sshmux.wire.keys import generate_ed25519, public_line, write_private_key
 
 WORKER_PASSWORD = "pass-{name}"
 
@@ -188,7 +188,7 @@ async def stop_master(master: Any) -> None:
 
 
 def sshmux_service(master: Any) -> Any:
-    from buildbot_sshmux.service import SSHMuxService
+    from buildbot_sshmux.master.service import SSHMuxService
 
     return next(s for s in master.service_manager if isinstance(s, SSHMuxService))
 
@@ -363,7 +363,7 @@ async def stop_launcher(reactor: Any, launcher: LauncherProcess, timeout: float 
 
 def host_fingerprint(site: Site, host: str) -> str:
     """The SHA256 fingerprint of a worker host's key, as the master logs it."""
-    from buildbot_sshmux.keys import fingerprint, load_private_key
+    from buildbot_sshmux.wire.keys import fingerprint, load_private_key
 
     return fingerprint(load_private_key(site.identities[host]))
 

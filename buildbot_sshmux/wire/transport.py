@@ -13,8 +13,8 @@ from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import getNS
 from twisted.logger import Logger, LogLevel
 
-from buildbot_sshmux.aead import AEAD_CIPHERS, PacketCipher, RandomPadding, packet_cipher, padding_length
-from buildbot_sshmux.peerlog import quote
+from buildbot_sshmux.wire.aead import AEAD_CIPHERS, PacketCipher, RandomPadding, packet_cipher, padding_length
+from buildbot_sshmux.wire.peerlog import quote
 
 log = Logger()
 

@@ -43,7 +43,7 @@ from twisted.python import log as legacy_log
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from buildbot_sshmux.peerlog import quote
+from buildbot_sshmux.wire.peerlog import quote
 
 log = Logger()
 

@@ -27,7 +27,7 @@ from typing import Any
 from attrs import frozen
 from twisted.spread import banana
 
-from buildbot_sshmux.bridge import InputRefused, ProtocolChannel
+from buildbot_sshmux.wire.channel import InputRefused, ProtocolChannel
 
 KiB = 1024
 MiB = 1024 * KiB

@@ -12,7 +12,7 @@ from twisted.logger import Logger
 from twisted.spread import pb
 from zope.interface import implementer
 
-from buildbot_sshmux.authorized_hosts import HostEntry
+from buildbot_sshmux.master.authorized_hosts import HostEntry
 
 log = Logger()
 

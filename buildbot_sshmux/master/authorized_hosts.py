@@ -28,7 +28,7 @@ from pathlib import Path
 from attrs import frozen
 from twisted.conch.ssh import keys
 
-from buildbot_sshmux.keys import fingerprint
+from buildbot_sshmux.wire.keys import fingerprint
 
 KEY_TYPES = frozenset(
     {

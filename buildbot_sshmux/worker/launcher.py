@@ -8,12 +8,12 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 
-from buildbot_sshmux.client import ChannelEndpoint, HostKeyPins, MasterLink
 from buildbot_sshmux.errors import ConfigError, KeyFileError
-from buildbot_sshmux.keys import load_private_key
-from buildbot_sshmux.launcher_config import LauncherConfig, MasterConfig
-from buildbot_sshmux.liveness import Liveness
-from buildbot_sshmux.session import WorkerSession
+from buildbot_sshmux.wire.keys import load_private_key
+from buildbot_sshmux.wire.liveness import Liveness
+from buildbot_sshmux.worker.config import LauncherConfig, MasterConfig
+from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
+from buildbot_sshmux.worker.session import WorkerSession
 
 PASSPHRASE_ENV = "SSH_WORKER_PASSPHRASE"
 

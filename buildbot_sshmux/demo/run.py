@@ -51,7 +51,7 @@ def _say(text: str) -> None:
 
 
 async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[str]) -> Figures:
-    from buildbot_sshmux import testing
+    from buildbot_sshmux.demo import harness as testing
 
     figures = Figures(hosts=len(hosts))
     site = testing.Site(root, hosts)
@@ -100,7 +100,7 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
             [
                 sys.executable,
                 "-m",
-                "buildbot_sshmux.demo",
+                "buildbot_sshmux.demo.run",
                 "--plain-pb",
                 str(pb_port),
                 str(root / "plain"),
@@ -215,7 +215,7 @@ def plain_pb_main(port: int, basedir: Path, names: list[str]) -> None:
     from twisted.application import service
     from twisted.internet import reactor
 
-    from buildbot_sshmux.testing import WORKER_PASSWORD
+    from buildbot_sshmux.demo.harness import WORKER_PASSWORD
 
     top = service.MultiService()
     for name in names:

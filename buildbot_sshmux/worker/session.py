@@ -22,7 +22,7 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.spread import pb
 
-from buildbot_sshmux.client import backoff
+from buildbot_sshmux.worker.link import backoff
 
 log = Logger()
 
