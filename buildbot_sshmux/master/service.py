@@ -13,7 +13,9 @@ as SSH channels and are handed, in process, to the master's PB port.
 
 from __future__ import annotations
 
+import inspect
 import os
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar
@@ -21,6 +23,7 @@ from typing import Any, ClassVar
 import attrs
 from buildbot import config
 from buildbot.util import service
+from buildbot.warnings import ConfigWarning
 from twisted.conch.ssh import keys
 from twisted.cred import portal
 from twisted.internet import defer, endpoints, task
@@ -52,7 +55,8 @@ def _resolve(basedir: str, path: str | os.PathLike[str]) -> Path:
 
 
 def _load_host_keys(basedir: str, paths: Sequence[str]) -> list[keys.Key]:
-    loaded = [load_private_key(_resolve(basedir, p)) for p in paths]
+    make_with = f"buildbot-sshmux init {basedir}"
+    loaded = [load_private_key(_resolve(basedir, p), make_with=make_with) for p in paths]
     types = [k.sshType() for k in loaded]
     if len(set(types)) != len(types):
         raise KeyFileError("SSHMuxService: two host keys of the same type; SSH offers one key per type")
@@ -69,6 +73,22 @@ def _load_entries(basedir: str, path: str | None, inline: Sequence[str]) -> tupl
 
 
 PB_PREFIX = "pb_"  # SSHMuxService(pb_max_message=...) is PBInputLimits(max_message=...)
+
+
+def config_basedir() -> str | None:
+    """The master's basedir while Buildbot executes master.cfg, else None.
+
+    Buildbot runs master.cfg with ``basedir`` and ``__file__`` in its
+    namespace (and no ``__name__``: it is not a module), as its docs say
+    master.cfg may use; the service is built from within that frame.
+    """
+    frame = inspect.currentframe()
+    while frame is not None:
+        names = frame.f_globals
+        if "__name__" not in names and isinstance(names.get("basedir"), str) and "__file__" in names:
+            return os.path.abspath(os.path.expanduser(names["basedir"]))
+        frame = frame.f_back
+    return None
 
 
 def settings(**options: Any) -> tuple[FlowLimits, ServerLimits, Liveness, PBInputLimits]:
@@ -132,14 +152,13 @@ class SSHMuxService(service.BuildbotService):
             endpoints.serverFromString(None, str(port) if ":" in str(port) else f"tcp:{port}")
         except (ValueError, KeyError) as e:
             config.error(f"SSHMuxService: port {port!r} is not a Twisted strports description ({e})")
-        # `buildbot start` and `buildbot checkconfig` (without arguments) read
-        # master.cfg from the master's basedir; elsewhere relative paths are
-        # checked when the service starts.
-        basedir = os.getcwd()
+        # Relative paths are the master's basedir's: known while Buildbot loads
+        # master.cfg (`buildbot checkconfig DIR`, `start`, `reconfig`), from
+        # any cwd; otherwise they are checked when the service starts.
+        basedir = config_basedir()
         paths = [*host_keys, *([authorized_hosts] if authorized_hosts else [])]
-        in_basedir = any(Path(basedir, f).exists() for f in ("buildbot.tac", "master.cfg"))
-        if in_basedir or all(os.path.isabs(os.path.expanduser(p)) for p in paths):
-            self._check_files(basedir, host_keys, authorized_hosts)
+        if basedir is not None or all(os.path.isabs(os.path.expanduser(p)) for p in paths):
+            self._check_files(basedir or os.getcwd(), host_keys, authorized_hosts)
         _entries, errors = _load_entries(basedir, None, hosts)
         for message in errors:
             config.error(message)
@@ -152,11 +171,16 @@ class SSHMuxService(service.BuildbotService):
             config.error(f"SSHMuxService: {e}")
         if authorized_hosts is not None:
             try:
-                _load_entries(basedir, authorized_hosts, ())
+                _entries, errors = _load_entries(basedir, authorized_hosts, ())
             except OSError as e:
                 config.error(
                     f"SSHMuxService: authorized_hosts {authorized_hosts} cannot be read ({e.strerror})"
                 )
+                return
+            # A warning, not an error: the running master skips a bad line and
+            # serves the others, so a typo in one line must not stop it.
+            for message in errors:
+                warnings.warn(ConfigWarning(f"SSHMuxService: {message}"), stacklevel=2)
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)

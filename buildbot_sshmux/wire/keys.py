@@ -34,16 +34,20 @@ def check_private_permissions(path: Path) -> None:
         )
 
 
-def load_private_key(path: str | os.PathLike[str], passphrase: bytes | None = None) -> keys.Key:
-    """Load an OpenSSH/PEM private key, refusing files that are too open."""
+def load_private_key(
+    path: str | os.PathLike[str], passphrase: bytes | None = None, make_with: str | None = None
+) -> keys.Key:
+    """Load an OpenSSH/PEM private key, refusing files that are too open.
+
+    ``make_with``: the command that makes a missing one (a worker host's key
+    by default)."""
     path = Path(path)
     try:
         check_private_permissions(path)
         data = path.read_bytes()
     except FileNotFoundError:
-        raise KeyFileError(
-            f"private key {path} does not exist; create one with: ssh-worker keygen {path}"
-        ) from None
+        make_with = make_with or f"ssh-worker keygen {path}"
+        raise KeyFileError(f"private key {path} does not exist; create one with: {make_with}") from None
     except OSError as e:
         raise KeyFileError(f"private key {path} cannot be read ({e.strerror})") from None
     try:
