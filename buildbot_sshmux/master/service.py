@@ -159,7 +159,7 @@ class SSHMuxService(service.BuildbotService):
         paths = [*host_keys, *([authorized_hosts] if authorized_hosts else [])]
         if basedir is not None or all(os.path.isabs(os.path.expanduser(p)) for p in paths):
             self._check_files(basedir or os.getcwd(), host_keys, authorized_hosts)
-        _entries, errors = _load_entries(basedir, None, hosts)
+        _entries, errors = _load_entries(basedir or os.getcwd(), None, hosts)
         for message in errors:
             config.error(message)
 
