@@ -1,0 +1,58 @@
+"""An idle host costs the master's log nothing, and its launcher's log nothing.
+
+At 200 hosts every per-keepalive line is thousands of lines an hour.  A host
+with two sessions sits idle with keepalives every second both ways (the
+default is 30 s: this is an hour's worth of keepalives compressed into
+2 minutes' worth of 1 s intervals... of 12 s here): neither log may grow by a
+line meanwhile.  The figure is the lines per idle host per hour, scaled from
+the 1 s interval to the default 30 s.
+"""
+
+from __future__ import annotations
+
+from twisted.internet import defer, reactor, task
+
+from buildbot_sshmux.demo import harness as T
+
+from .harness import FaultCase, figures
+
+PROJECTS = ["alpha", "beta"]
+INTERVAL, IDLE_SECONDS = 1, 12
+DEFAULT_INTERVAL = 30
+
+
+class IdleLogs(FaultCase):
+    timeout = 90
+
+    def test_an_idle_host_logs_nothing_on_either_side(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._idle())
+
+    async def _idle(self) -> None:
+        self.make_site(["hosta"])
+        await self.start_master(
+            PROJECTS, ["hosta"], service_kwargs={"keepalive_interval": INTERVAL, "keepalive_count_max": 5}
+        )
+        names = [T.worker_name(p, "hosta") for p in PROJECTS]
+        launcher = self.launch("hosta", names, keepalive=(INTERVAL, 5))
+        await self.wait_ready(names)
+        await task.deferLater(reactor, 2, lambda: None)  # the attach's own lines are done
+        master_before = len(self.log.lines)
+        launcher_before = len(launcher.output().splitlines())
+        await task.deferLater(reactor, IDLE_SECONDS, lambda: None)
+        master_lines = self.log.lines[master_before:]
+        launcher_lines = launcher.output().splitlines()[launcher_before:]
+        keepalives = IDLE_SECONDS / INTERVAL
+        per_hour = 3600 / DEFAULT_INTERVAL / keepalives  # lines a keepalive interval, scaled to an hour
+        figures(
+            "idle host, keepalives every 1 s both ways",
+            idle_s=IDLE_SECONDS,
+            master_lines=len(master_lines),
+            launcher_lines=len(launcher_lines),
+            master_lines_per_idle_host_per_hour=round(len(master_lines) * per_hour),
+            launcher_lines_per_hour=round(len(launcher_lines) * per_hour),
+            example_master_line=master_lines[0][:160] if master_lines else None,
+            example_launcher_line=launcher_lines[0][:160] if launcher_lines else None,
+        )
+        self.assertEqual(master_lines, [], "the master logged while the host was idle")
+        self.assertEqual(launcher_lines, [], "the launcher logged while idle")
+        self.assertAlive(launcher)
