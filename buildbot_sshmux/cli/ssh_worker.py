@@ -20,12 +20,14 @@ def cmd_run(args: argparse.Namespace) -> int:
         textFileLogObserver,
     )
 
+    from buildbot_sshmux.wire.transport import BoundedLogger
     from buildbot_sshmux.worker import config as launcher_config
     from buildbot_sshmux.worker.launcher import Launcher
 
     config = launcher_config.load(args.config)
     launcher = Launcher(config, reactor)
     level = LogLevel.debug if args.debug else LogLevel.info
+    BoundedLogger.show_debug = args.debug  # Conch's protocol lines too
     observer = FilteringLogObserver(
         textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(defaultLogLevel=level)]
     )

@@ -55,6 +55,7 @@ from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness
 from buildbot_sshmux.wire.peerlog import PeerLogs, quote
 from buildbot_sshmux.wire.transport import (
     MAX_PACKET_LENGTH,
+    SHUTDOWN_REASON,
     SUPPORTED_CIPHERS,
     SUPPORTED_MACS,
     AEADFraming,
@@ -865,8 +866,12 @@ class SSHMuxFactory(factory.SSHFactory):
         return None
 
     def disconnect_all(self) -> None:
+        """The master stops: tell every host so (its launcher logs it as planned), in one line."""
+        if self.connections:
+            log.info("disconnecting {n} worker hosts: the master is stopping", n=len(self.connections))
         for conn in list(self.connections):
-            conn.loseConnection()
+            conn._disconnect_logged = True
+            conn.sendDisconnect(transport.DISCONNECT_BY_APPLICATION, SHUTDOWN_REASON)
 
     def connections_of(self, entry: HostEntry, besides: MuxServerTransport) -> list[MuxServerTransport]:
         """The logged-in connections of ``entry``'s key, oldest first, not counting those being replaced."""

@@ -39,6 +39,7 @@ from buildbot_sshmux.master.server import PBUnavailable, SSHMuxFactory
 from buildbot_sshmux.wire.channel import FlowLimits
 from buildbot_sshmux.wire.keys import fingerprint, load_private_key
 from buildbot_sshmux.wire.liveness import Liveness
+from buildbot_sshmux.wire.transport import BoundedLogger
 
 log = Logger()
 
@@ -133,8 +134,11 @@ class SSHMuxService(service.BuildbotService):
         host_keys: Sequence[str] = (),
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
+        debug: bool = False,
         **limits: Any,
     ) -> None:
+        if not isinstance(debug, bool):
+            config.error(f"SSHMuxService: debug must be True or False, not {debug!r}")
         try:
             settings(**limits)
         except (ValueError, TypeError) as e:
@@ -200,9 +204,11 @@ class SSHMuxService(service.BuildbotService):
         host_keys: Sequence[str] = (),
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
+        debug: bool = False,
         **limits: Any,
     ) -> Any:
         basedir = self.master.basedir
+        BoundedLogger.show_debug = debug  # Conch's protocol lines, several a packet
         flow, server_limits, liveness, pb_input = settings(**limits)
         if "pb" not in self.master.config.protocols:
             config.error(

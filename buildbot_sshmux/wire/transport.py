@@ -35,16 +35,37 @@ KEX_STRICT_CLIENT = b"kex-strict-c-v00@openssh.com"
 KEX_STRICT_SERVER = b"kex-strict-s-v00@openssh.com"
 
 
-class BoundedLogger(Logger):
-    """The log of our Conch subclasses: without Conch's debug lines (several a
-    packet, some with whole payloads), and with every field it logs bounded,
-    since Conch logs what peers send (descriptions, request names)."""
+SHUTDOWN_REASON = b"the master is shutting down"  # a master's DISCONNECT when it stops
 
-    show_debug = False
+# Twisted's and Conch's lines for routine steps of every connection, channel
+# and retry: debug, not info, so a site with hundreds of hosts logs only events.
+ROUTINE_FORMATS = frozenset(
+    {
+        "opening channel {id} with {localWindowSize} {localMaxPacket}",
+        "connection lost",
+        "channel open",
+        "remote eof",
+        "remote close",
+        "closed",
+        "sending close {id}",
+        "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
+    }
+)
+
+
+class BoundedLogger(Logger):
+    """The log of our Conch (and Twisted) subclasses: Conch's debug lines
+    (several a packet, some with whole payloads) only with ``show_debug``,
+    its routine info lines as debug, and every field bounded, since Conch
+    logs what peers send (descriptions, request names)."""
+
+    show_debug = False  # ssh-worker --debug, SSHMuxService(debug=True)
     field_limit = 200
 
     def emit(self, level: LogLevel, format: str | None = None, **kwargs: Any) -> None:
-        if level == LogLevel.debug and not self.show_debug:
+        if level == LogLevel.info and format in ROUTINE_FORMATS:
+            level = LogLevel.debug
+        if level == LogLevel.debug and not BoundedLogger.show_debug:
             return
         for name, value in kwargs.items():
             if isinstance(value, (bytes, str)) and len(value) > self.field_limit:

@@ -31,9 +31,11 @@ from buildbot_sshmux.wire.keys import fingerprint
 from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
 from buildbot_sshmux.wire.peerlog import quote
 from buildbot_sshmux.wire.transport import (
+    SHUTDOWN_REASON,
     SUPPORTED_CIPHERS,
     SUPPORTED_MACS,
     AEADFraming,
+    BoundedLogger,
     DropMalformed,
     StrictKeyExchange,
     prefer,
@@ -124,6 +126,7 @@ class HostKeyPins:
 class MuxUserAuthClient(userauth.SSHUserAuthClient):
     """Public-key authentication with this host's one key."""
 
+    _log = BoundedLogger()
     preferredOrder = [b"publickey"]
 
     def __init__(self, link: MasterLink, instance: Any) -> None:
@@ -150,6 +153,8 @@ class MuxUserAuthClient(userauth.SSHUserAuthClient):
 
 class MuxClientConnection(FlowControlledConnection):
     """The ``ssh-connection`` service of a `MasterLink`."""
+
+    _log = BoundedLogger()
 
     def __init__(self, link: MasterLink) -> None:
         self.limits = link.limits
@@ -188,6 +193,7 @@ class MuxClientTransport(
 ):
     """Conch's client transport with host key pinning, rekeying, AEAD ciphers first and strict key exchange."""
 
+    _log = BoundedLogger()
     supportedCiphers = SUPPORTED_CIPHERS
     supportedMACs = SUPPORTED_MACS
     _secured = False
@@ -219,7 +225,10 @@ class MuxClientTransport(
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         text = quote(description, 200)
-        if reasonCode == transport.DISCONNECT_TOO_MANY_CONNECTIONS:
+        if description == SHUTDOWN_REASON:
+            self.link.master_stopping = True
+            log.info("master {master} is shutting down", master=self.link.address)
+        elif reasonCode == transport.DISCONNECT_TOO_MANY_CONNECTIONS:
             log.warn(
                 "master {master} refused this connection: {why}; is another launcher running with this"
                 " host's key? retrying with backoff",
@@ -294,6 +303,7 @@ class MasterLink(service.Service):
         self.endpoint = endpoint or endpoints.HostnameEndpoint(reactor, host, port, timeout=connect_timeout)
         self.connection: MuxClientConnection | None = None
         self.refused = False
+        self.master_stopping = False  # the master said it is shutting down
         self.mismatched_types: set[bytes] = set()
         self.dials = 0
         self._attempt = 0
@@ -349,6 +359,7 @@ class MasterLink(service.Service):
         self.dials += 1
         self.refused = False
         factory = protocol.Factory.forProtocol(lambda: MuxClientTransport(self))
+        factory.noisy = False  # no "Starting factory" line for every dial
         self._dialing = self.endpoint.connect(factory)
 
         def connected(proto: MuxClientTransport) -> None:
@@ -410,7 +421,11 @@ class MasterLink(service.Service):
         if self._on_transport_lost is not None:
             self._on_transport_lost()
             return
-        log.warn("lost connection to master {master}", master=self.address)
+        if self.master_stopping:  # it said so: not a fault
+            log.info("disconnected from master {master}", master=self.address)
+        else:
+            log.warn("lost connection to master {master}", master=self.address)
+        self.master_stopping = False
         self._schedule_redial()
 
 

@@ -22,13 +22,23 @@ from twisted.internet.interfaces import IStreamClientEndpoint
 from twisted.logger import Logger
 from twisted.spread import pb
 
+from buildbot_sshmux.wire.transport import BoundedLogger
 from buildbot_sshmux.worker.link import backoff
 
 log = Logger()
 
 
+class SessionClientService(ClientService):
+    """A ClientService whose retries are not logged at info: the session's
+    factory says "next login in ..." already, naming the worker."""
+
+    _log = BoundedLogger()
+
+
 class SessionBotFactory(BotFactory):
     """buildbot-worker's PB client factory, minus its ``reactor.stop()``."""
+
+    noisy = False  # no "Starting factory" line for every channel
 
     def __init__(self, session: WorkerSession, keepalive: int | None, reactor: Any) -> None:
         super().__init__(None, None, keepalive, None, retryPolicy=session.retry_delay)
@@ -110,7 +120,9 @@ class WorkerSession(Worker):
         )
         self.bot.remote_shutdown = self._master_asked_shutdown
         self._reactor = reactor
-        ClientService(endpoint, self.bf, retryPolicy=self.retry_delay, clock=reactor).setServiceParent(self)
+        SessionClientService(endpoint, self.bf, retryPolicy=self.retry_delay, clock=reactor).setServiceParent(
+            self
+        )
 
     def stopService(self) -> Any:
         # Worker.stopService waits for BotFactory's shutdown notice, which only

@@ -56,3 +56,47 @@ class IdleLogs(FaultCase):
         self.assertEqual(master_lines, [], "the master logged while the host was idle")
         self.assertEqual(launcher_lines, [], "the launcher logged while idle")
         self.assertAlive(launcher)
+
+
+ROUTINE = ("Starting factory", "Stopping factory", "opening channel", "Scheduling retry", "connection lost")
+
+
+class PlannedStopLogs(FaultCase):
+    """A launcher attaching and a master stopping on purpose: events, not noise."""
+
+    timeout = 90
+
+    def test_attach_and_planned_stop_are_a_few_lines_at_info(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._planned())
+
+    async def _planned(self) -> None:
+        self.make_site(["hosta"])
+        master = await self.start_master(PROJECTS, ["hosta"])
+        names = [T.worker_name(p, "hosta") for p in PROJECTS]
+        launcher = self.launch("hosta", names)
+        await self.wait_ready(names)
+        await task.deferLater(reactor, 1, lambda: None)
+        attach_lines = launcher.output().splitlines()
+        master_before = len(self.log.lines)
+        await self.stop_master(master)
+        await self.wait_for(lambda: "redialling master" in launcher.output(), 20, "the launcher to redial")
+        stop_lines = launcher.output().splitlines()[len(attach_lines) :]
+        stop_lines = stop_lines[: next(i for i, line in enumerate(stop_lines) if "redialling" in line) + 1]
+        master_stop_lines = [
+            line for line in self.log.lines[master_before:] if "hosta" in line or "worker host" in line
+        ]
+        figures(
+            "planned master stop",
+            launcher_lines_to_attach_2_sessions=len(attach_lines),
+            launcher_lines_for_the_stop=len(stop_lines),
+            master_sshmux_lines_for_the_stop=len(master_stop_lines),
+            launcher_stop_lines=[line.split("] ", 1)[-1][:90] for line in stop_lines],
+        )
+        for line in attach_lines + stop_lines:
+            for routine in ROUTINE:
+                self.assertNotIn(routine, line)
+        for line in stop_lines:
+            self.assertNotRegex(line, r"#(warn|error|critical)\]", "a planned stop is not a fault")
+        self.assertTrue(any("is shutting down" in line for line in stop_lines), stop_lines)
+        self.assertEqual(len([line for line in master_stop_lines if "the master is stopping" in line]), 1)
+        self.assertAlive(launcher)

@@ -25,7 +25,7 @@ from twisted.trial.unittest import TestCase
 from zope.interface import implementer
 
 from buildbot_sshmux.worker.link import backoff
-from buildbot_sshmux.worker.session import SessionBotFactory, WorkerSession
+from buildbot_sshmux.worker.session import SessionBotFactory, SessionClientService, WorkerSession
 
 from .tmpdirs import scratch_dir
 
@@ -93,7 +93,8 @@ class MasterShutdownTests(SessionTestCase):
 
     def test_each_session_dials_only_its_endpoint(self) -> None:
         self.assertEqual([len(e.attempts) for e in self.endpoints], [1, 1])
-        self.assertEqual([type(c) for c in self.one if isinstance(c, ClientService)], [ClientService])
+        # One ClientService (the stock Worker's, on its connection string, is gone): ours.
+        self.assertEqual([type(c) for c in self.one if isinstance(c, ClientService)], [SessionClientService])
 
     def test_master_shutdown_stops_only_that_session(self) -> None:
         # The master calls remote_shutdown through PB, as it does on a stock worker.
