@@ -8,6 +8,22 @@ import sys
 from buildbot_sshmux.errors import SSHMuxError
 
 
+def add_version(parser: argparse.ArgumentParser, *distributions: str) -> None:
+    """``--version``: this package's, and the versions of what it runs on."""
+    from importlib import metadata
+
+    from buildbot_sshmux import __version__
+
+    found = []
+    for name in ("twisted", *distributions):
+        try:
+            found.append(f"{name} {metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            found.append(f"{name} not installed")
+    text = f"%(prog)s {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
+    parser.add_argument("--version", action="version", version=text)
+
+
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:
     """Parse ``argv`` and run the chosen command; a user error is one line and exit 2."""
     args = parser.parse_args(argv)

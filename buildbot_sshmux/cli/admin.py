@@ -7,8 +7,9 @@ import os
 import sys
 from pathlib import Path
 
-from buildbot_sshmux.cli import hosts, run
+from buildbot_sshmux.cli import add_version, hosts, run
 from buildbot_sshmux.errors import SSHMuxError
+from buildbot_sshmux.wire.address import parse_address
 
 SNIPPET = """\
 from buildbot_sshmux import SSHMuxService
@@ -19,13 +20,21 @@ c['services'].append(SSHMuxService(
     authorized_hosts='sshmux/authorized_hosts'))"""
 
 
-def split_address(address: str) -> tuple[str, str]:
-    """``HOST:PORT`` (``[v6]:PORT`` too) as (host, port); SSHMuxError if malformed."""
-    host, sep, port = address.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit():
-        raise SSHMuxError(f"--address must be HOST:PORT, e.g. buildmaster.example.org:2222, not {address!r}")
-    return host, port
+PLACEHOLDER = "buildmaster.example.org:2222"
+
+
+def split_address(address: str | None) -> tuple[str, str]:
+    """``--address HOST:PORT`` (``[v6]:PORT`` too) as (host, port); SSHMuxError if malformed.
+
+    Without ``--address`` the lines printed name a placeholder, and say so."""
+    if address is None:
+        print(f"no --address given: {PLACEHOLDER} below is a placeholder; give --address HOST:PORT")
+        address = PLACEHOLDER
+    try:
+        host, port = parse_address(address, default_port=None)
+    except ValueError as e:
+        raise SSHMuxError(f"--address must be HOST:PORT, e.g. {PLACEHOLDER}: {e}") from None
+    return host, str(port)
 
 
 def known_hosts_name(host: str, port: str) -> str:
@@ -88,19 +97,16 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="buildbot-sshmux", description=__doc__)
+    add_version(p, "buildbot")
     sub = p.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="make the master's SSH host key and authorized_hosts")
     init.add_argument("basedir", help="the Buildbot master's basedir")
-    init.add_argument(
-        "--address",
-        default="buildmaster.example.org:2222",
-        help="HOST:PORT workers dial (for the known_hosts line)",
-    )
+    init.add_argument("--address", help="HOST:PORT workers dial (for the known_hosts line)")
     init.add_argument("--type", choices=["ed25519", "ecdsa", "rsa"], default="ed25519")
     init.set_defaults(func=cmd_init)
     hostkey = sub.add_parser("hostkey", help="print known_hosts lines of the master's host keys")
     hostkey.add_argument("basedir", help="the Buildbot master's basedir")
-    hostkey.add_argument("--address", default="buildmaster.example.org:2222", help="HOST:PORT workers dial")
+    hostkey.add_argument("--address", help="HOST:PORT workers dial")
     hostkey.add_argument(
         "--key", action="append", default=[], help="a host key file (default: all in BASEDIR/sshmux)"
     )

@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from buildbot_sshmux.cli import run
-from buildbot_sshmux.errors import SSHMuxError
+from buildbot_sshmux.cli import add_version, run
+from buildbot_sshmux.errors import KeyFileError, SSHMuxError
+from buildbot_sshmux.wire.address import parse_address
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -51,6 +52,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     passphrase = None
     if args.passphrase:
         passphrase = getpass.getpass("passphrase for the new key: ").encode("utf-8")
+        if getpass.getpass("the same passphrase again: ").encode("utf-8") != passphrase:
+            raise KeyFileError("the two passphrases differ; nothing was written, run keygen again")
     comment = args.comment or _default_comment()
     key = generate_ed25519()
     write_private_key(path, key, comment, passphrase)
@@ -83,8 +86,10 @@ def cmd_init(args: argparse.Namespace) -> int:
         raise SSHMuxError(f"{path} exists; remove it or choose another file")
     if not args.fingerprint.startswith("SHA256:"):
         raise SSHMuxError("--fingerprint must be the master's SHA256:... host key fingerprint")
-    if ":" not in args.master:
-        raise SSHMuxError("--master must be HOST:PORT, e.g. buildmaster.example.org:2222")
+    try:
+        parse_address(args.master)  # HOST alone is port 22, as in the TOML
+    except ValueError as e:
+        raise SSHMuxError(f"--master must be HOST[:PORT], e.g. buildmaster.example.org:2222: {e}") from None
     workers = "".join(WORKER_TEMPLATE.format(name=n) for n in args.worker) or (
         '\n# add one table per worker session:\n# [[worker]]\n# name = "..."\n'
         '# password_file = "passwords/..."\n# basedir = "workers/..."\n'
@@ -115,6 +120,7 @@ def _default_comment() -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="ssh-worker", description=__doc__)
+    add_version(p, "buildbot-worker")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every worker session of CONFIG.toml")
     run.add_argument("config", help="launcher configuration (TOML)")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import os
 import stat
 from pathlib import Path
@@ -34,6 +35,18 @@ def check_private_permissions(path: Path) -> None:
         )
 
 
+def _encrypted(data: bytes) -> bool:
+    """Whether a private key file's data is encrypted (OpenSSH v1 or PEM)."""
+    if b"ENCRYPTED" in data[:200]:  # PEM: Proc-Type: 4,ENCRYPTED / ENCRYPTED PRIVATE KEY
+        return True
+    try:
+        blob = base64.b64decode(b"".join(line for line in data.splitlines() if not line.startswith(b"-----")))
+    except ValueError:
+        return False
+    # openssh-key-v1\0, then the cipher name: "none" when not encrypted.
+    return blob.startswith(b"openssh-key-v1\0") and not blob[15:].startswith(b"\0\0\0\x04none")
+
+
 def load_private_key(
     path: str | os.PathLike[str], passphrase: bytes | None = None, make_with: str | None = None
 ) -> keys.Key:
@@ -53,8 +66,13 @@ def load_private_key(
     try:
         key = keys.Key.fromString(data, passphrase=passphrase)
     except keys.EncryptedKeyError:
-        raise KeyFileError(f"private key {path} is encrypted; give its passphrase to the launcher") from None
-    except (keys.BadKeyError, ValueError) as e:
+        raise KeyFileError(
+            f"private key {path} is encrypted; give the launcher its passphrase in the"
+            f" SSH_WORKER_PASSPHRASE variable or in a file named by identity_passphrase_file in [master]"
+        ) from None
+    except Exception as e:  # Conch raises BadKeyError, ValueError, or struct.error on a truncated file
+        if passphrase is not None and _encrypted(data):
+            raise KeyFileError(f"wrong passphrase for private key {path}") from None
         raise KeyFileError(f"private key {path} is not a valid OpenSSH key ({e})") from None
     if key.isPublic():
         raise KeyFileError(f"{path} holds a public key; a private key is needed here")

@@ -26,6 +26,7 @@ from typing import Any
 from attrs import frozen
 
 from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.wire.address import parse_address
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -94,13 +95,10 @@ def _str(path: Path, where: str, table: dict[str, Any], key: str) -> str | None:
 def _split_address(path: Path, where: str, address: Any) -> tuple[str, int]:
     if not isinstance(address, str) or not address:
         raise _fail(path, where, 'address must be "HOST:PORT"')
-    host, sep, port = address.rpartition(":")
-    if not sep:
-        return address, 22
-    host = host.strip("[]")
-    if not port.isdigit() or not host:
-        raise _fail(path, where, f'address {address!r} must be "HOST:PORT"')
-    return host, int(port)
+    try:
+        return parse_address(address)
+    except ValueError as e:
+        raise _fail(path, where, f'address must be "HOST:PORT": {e}') from None
 
 
 def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:

@@ -70,6 +70,18 @@ class MasterTestCase(TestCase):
 
 
 class InitTests(MasterTestCase):
+    def test_without_address_the_line_is_said_to_be_a_placeholder(self) -> None:
+        for command in (["init", str(self.basedir)], ["hostkey", str(self.basedir)]):
+            code, out, err = self.admin(*command)
+            self.assertEqual(code, 0, err)
+            self.assertIn("no --address given: buildmaster.example.org:2222 below is a placeholder", out)
+
+    def test_an_address_without_port_is_refused(self) -> None:
+        code, _out, err = self.admin("init", str(self.basedir), "--address", "master.example.org")
+        self.assertEqual(code, 2)
+        self.assertIn("--address must be HOST:PORT", err)
+        self.assertIn("has no port", err)
+
     def test_init_makes_a_0600_key_and_an_empty_0600_authorized_hosts(self) -> None:
         self.init()
         key_path = self.sshmux / "ssh_host_ed25519_key"
@@ -399,6 +411,38 @@ class KeygenTests(TestCase):
         key = load_private_key(self.path, b"sesame")
         self.assertEqual(Path(f"{self.path}.pub").read_text().split()[:2], public_line(key).split())
 
+    def test_the_passphrase_is_asked_twice(self) -> None:
+        with mock.patch("getpass.getpass", side_effect=["sesame", "sesamE"]) as asked:
+            code, _out, err = self.keygen(str(self.path), "--comment", "x", "--passphrase")
+        self.assertEqual(asked.call_count, 2)
+        self.assertEqual(code, 2)
+        self.assertIn("the two passphrases differ; nothing was written", err)
+        self.assertFalse(self.path.exists())
+
+    def test_an_encrypted_key_without_passphrase_says_how_to_give_one(self) -> None:
+        with mock.patch("getpass.getpass", return_value="sesame"):
+            self.keygen(str(self.path), "--comment", "x", "--passphrase")
+        with self.assertRaises(KeyFileError) as caught:
+            load_private_key(self.path)
+        self.assertIn("SSH_WORKER_PASSPHRASE", str(caught.exception))
+        self.assertIn("identity_passphrase_file", str(caught.exception))
+
+    def test_a_wrong_passphrase_says_so(self) -> None:
+        with mock.patch("getpass.getpass", return_value="sesame"):
+            self.keygen(str(self.path), "--comment", "x", "--passphrase")
+        with self.assertRaises(KeyFileError) as caught:
+            load_private_key(self.path, b"open up")
+        self.assertEqual(str(caught.exception), f"wrong passphrase for private key {self.path}")
+
+    def test_a_passphrase_given_for_a_corrupt_plain_key_is_not_blamed(self) -> None:
+        self.keygen(str(self.path), "--comment", "x")
+        lines = self.path.read_text().splitlines()
+        del lines[-3:-1]  # the end of the key's bytes
+        self.path.write_text("\n".join(lines) + "\n")
+        with self.assertRaises(KeyFileError) as caught:
+            load_private_key(self.path, b"sesame")
+        self.assertIn("is not a valid OpenSSH key", str(caught.exception))
+
 
 class WorkerInitTests(TestCase):
     def setUp(self) -> None:
@@ -414,6 +458,18 @@ class WorkerInitTests(TestCase):
                 "--fingerprint", fingerprint(self.master_key), *extra,
             ],
         )  # fmt: skip
+
+    def test_a_master_without_port_is_port_22_as_in_the_toml(self) -> None:
+        code, _out, err = run(
+            ssh_worker.main,
+            ["init", str(self.config), "--master", "master.example.org", "--fingerprint",
+             fingerprint(self.master_key), "--worker", "w"],
+        )  # fmt: skip
+        self.assertEqual(code, 0, err)
+        (self.dir / "passwords").mkdir()
+        (self.dir / "passwords" / "w").write_text("pw\n")
+        [master] = launcher_config.load(self.config).masters
+        self.assertEqual((master.host, master.port), ("master.example.org", 22))
 
     def test_config_loads_once_the_password_files_exist(self) -> None:
         code, out, err = self.init("--worker", "libxml2-debian-sid", "--worker", "glib-debian-sid")
