@@ -54,6 +54,12 @@ class _NoticingRealm:
         return self.realm.requestAvatar(avatarId, mind, *interfaces)
 
 
+class RefusedLogin(error.UnauthorizedLogin, pb.Error):
+    """A refused PB login, as a `pb.Error`: PB logs any other exception it
+    sends back with a traceback, one per refused login; the worker still
+    sees an UnauthorizedLogin (a PB failure carries its classes' names)."""
+
+
 class ChannelClosedWhileAttaching(pb.Error):
     """A login that completed after its channel had closed (nobody to answer)."""
 
@@ -88,7 +94,7 @@ class HostPortal(portal.Portal):
                 where=f" from {self.peer}" if self.peer else "",
                 name="an anonymous login" if offered is _ANONYMOUS else short_repr(offered),
             )
-            return defer.fail(error.UnauthorizedLogin())
+            return defer.fail(RefusedLogin())
         if not self.entry.may_attach(username):
             log.warn(
                 "host {host} ({fingerprint}){where} may not attach worker {worker}"
@@ -99,7 +105,7 @@ class HostPortal(portal.Portal):
                 worker=short_repr(username),
                 allowed=",".join(self.entry.workers),
             )
-            return defer.fail(error.UnauthorizedLogin())
+            return defer.fail(RefusedLogin())
         checked = portal.Portal(_NoticingRealm(self.wrapped.realm, self._accepted))
         checked.checkers = self.wrapped.checkers
         d = checked.login(credentials, mind, *interfaces)
@@ -110,6 +116,8 @@ class HostPortal(portal.Portal):
 
         def refused(failure: Any) -> Any:
             self.authenticated = self.worker_name is not None
+            if failure.check(error.UnauthorizedLogin) and not failure.check(RefusedLogin):
+                raise RefusedLogin(*failure.value.args)  # Buildbot has logged its one line
             return failure
 
         d.addCallbacks(logged_in, refused)

@@ -19,6 +19,7 @@ every worker ``master = "NAME"``.
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -75,7 +76,34 @@ class LauncherConfig:
 
 
 def _fail(path: Path, where: str, message: str) -> ConfigError:
-    return ConfigError(f"{path}: {where}: {message}")
+    line = _line_of(path, where)
+    return ConfigError(f"{path}{f':{line}' if line else ''}: {where}: {message}")
+
+
+def _line_of(path: Path, where: str) -> int | None:
+    """The line of the table that ``where`` names ("[master]", "[[worker]] #2",
+    "worker 'NAME'"): tomllib gives positions for syntax errors only."""
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except OSError:
+        return None
+    numbered = re.fullmatch(r"\[\[(\w+)\]\] #(\d+)", where)
+    named = re.fullmatch(r"worker '(.*)'", where)
+    if named:  # the [[worker]] header above its name = "..." line
+        name_line = re.compile(rf"""\s*name\s*=\s*["']{re.escape(named[1])}["']""")
+        at = next((i for i, text in enumerate(lines) if name_line.match(text)), None)
+        if at is None:
+            return None
+        header = next((i for i in range(at, -1, -1) if lines[i].strip().startswith("[")), at)
+        return header + 1
+    if where == "[master]":
+        pattern, nth = re.compile(r"\s*\[master\]"), 1
+    elif numbered:
+        pattern, nth = re.compile(rf"\s*\[\[{numbered[1]}\]\]"), int(numbered[2])
+    else:
+        return None
+    found = [i + 1 for i, text in enumerate(lines) if pattern.match(text)]
+    return found[nth - 1] if len(found) >= nth else None
 
 
 def _int(path: Path, where: str, table: dict[str, Any], key: str, default: int | None) -> Any:

@@ -8,8 +8,10 @@ its file:line: the running master skips that line and serves the others.
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 from twisted.trial.unittest import TestCase
@@ -37,8 +39,8 @@ c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['b'])]
 
 class CheckconfigFromAnyDirectory(TestCase):
     def setUp(self) -> None:
-        self.root = Path(self.mktemp()).absolute()
-        self.root.mkdir()
+        self.root = Path(tempfile.mkdtemp(prefix="sshmux-checkconfig-"))
+        self.addCleanup(shutil.rmtree, self.root, True)
         self.site = T.Site(self.root, ["hosta"])
         (self.site.master_basedir / "master.cfg").write_text(MASTER_CFG)
         self.key = self.site.host_key_path

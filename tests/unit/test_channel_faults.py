@@ -200,3 +200,26 @@ class OddCredentialsTests(FaultsTestCase):
         line = self.refused_login(credentials.UsernamePassword([b"x" * 1000] * 5, b"pw"))
         self.assertIn("([b'xxxxxxxx", line)
         self.assertLess(len(line), 250)
+
+
+class RefusedLoginTests(FaultsTestCase):
+    """A refused PB login: no traceback in the master's log, an UnauthorizedLogin at the worker."""
+
+    def refused(self, name: str, password: bytes) -> Any:
+        session = PBSession(self, self.pair, name)
+        d = session.factory.login(credentials.UsernamePassword(name.encode(), password), None)
+        self.pair.flush()
+        return self.failureResultOf(d)
+
+    def test_a_wrong_password(self) -> None:
+        failure = self.refused("libxml2-debian-sid", b"wrong")
+        self.assertTrue(failure.check(UnauthorizedLogin), failure)
+        self.assertEqual(self.flushLoggedErrors(), [], "PB logged the refusal with a traceback")
+        self.assertEqual(self.logs.matching("Peer will receive following PB traceback"), [])
+
+    def test_a_name_this_host_may_not_use(self) -> None:
+        failure = self.refused("glib-fedora", b"pw")
+        self.assertTrue(failure.check(UnauthorizedLogin), failure)
+        self.assertEqual(self.flushLoggedErrors(), [])
+        [line] = self.logs.matching("may not attach worker 'glib-fedora'")
+        self.assertIn("host debian-sid", line)

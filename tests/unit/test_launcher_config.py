@@ -189,6 +189,16 @@ class LauncherConfigTests(TestCase):
     def test_unknown_worker_key(self) -> None:
         self.assertConfigError(ONE_MASTER + 'passwd = "x"\n', "[[worker]] #1", "unknown key 'passwd'")
 
+    def test_errors_name_the_line_of_their_table(self) -> None:
+        # ONE_MASTER: line 1 is empty, [master] is line 2, [[worker]] line 8.
+        second = '\n[[worker]]\nname = "glib-debian-sid"\npassword = "x"\nbogus = 1\n'
+        message = self.assertConfigError(ONE_MASTER + second, "[[worker]] #2", "unknown key 'bogus'")
+        self.assertTrue(message.startswith(f"{self.path}:13: "), message)
+        message = self.assertConfigError(ONE_MASTER.replace("9990", '"x"'), "pb_port must be an integer")
+        self.assertTrue(message.startswith(f"{self.path}:2: [master]: "), message)
+        message = self.assertConfigError(ONE_MASTER + 'password_file = "pw"\n', "not both")
+        self.assertTrue(message.startswith(f"{self.path}:8: worker 'libxml2-debian-sid': "), message)
+
     def test_password_and_password_file_together(self) -> None:
         self.assertConfigError(ONE_MASTER + 'password_file = "pw"\n', "libxml2-debian-sid", "not both")
 
