@@ -3,9 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 
 from buildbot_sshmux.errors import SSHMuxError
+
+
+def plain(doc: str | None) -> str:
+    """A docstring as help text: without its reStructuredText quotes (``name``)."""
+    return re.sub(r"``?([^`]+)``?", r"\1", doc or "")
 
 
 def add_version(parser: argparse.ArgumentParser, *distributions: str) -> None:

@@ -7,7 +7,7 @@ import os
 import sys
 from pathlib import Path
 
-from buildbot_sshmux.cli import add_version, hosts, run
+from buildbot_sshmux.cli import add_version, hosts, plain, run
 from buildbot_sshmux.errors import SSHMuxError
 from buildbot_sshmux.wire.address import parse_address
 
@@ -96,7 +96,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="buildbot-sshmux", description=__doc__)
+    p = argparse.ArgumentParser(prog="buildbot-sshmux", description=plain(__doc__))
     add_version(p, "buildbot")
     sub = p.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="make the master's SSH host key and authorized_hosts")

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from buildbot_sshmux.cli import add_version, run
+from buildbot_sshmux.cli import add_version, plain, run
 from buildbot_sshmux.errors import KeyFileError, SSHMuxError
 from buildbot_sshmux.wire.address import parse_address
 
@@ -119,7 +119,7 @@ def _default_comment() -> str:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ssh-worker", description=__doc__)
+    p = argparse.ArgumentParser(prog="ssh-worker", description=plain(__doc__))
     add_version(p, "buildbot-worker")
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run every worker session of CONFIG.toml")

@@ -1,4 +1,4 @@
-"""``--version`` on both tools: this package's version and what it runs on."""
+"""``--version`` and ``--help`` on both tools: versions, and help text without markup."""
 
 from __future__ import annotations
 
@@ -37,3 +37,26 @@ class VersionTests(TestCase):
         text = version_of(ssh_worker.main)
         self.assertIn(f"ssh-worker {__version__}", text)
         self.assertIn(f"buildbot-worker {metadata.version('buildbot-worker')}", text)
+
+
+def help_of(main: Callable[[list[str]], int], argv: list[str]) -> str:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        try:
+            main([*argv, "--help"])
+        except SystemExit as e:
+            assert e.code == 0, e.code
+    return out.getvalue()
+
+
+class HelpTests(TestCase):
+    def test_no_markup_in_any_help(self) -> None:
+        tools = {
+            admin.main: [[], ["init"], ["hostkey"], ["authorize"], ["revoke"], ["list"]],
+            ssh_worker.main: [[], ["run"], ["keygen"], ["init"]],
+        }
+        for main, commands in tools.items():
+            for argv in commands:
+                text = help_of(main, argv)
+                self.assertIn("usage:", text, argv)
+                self.assertNotIn("`", text, f"{argv}: {text}")
