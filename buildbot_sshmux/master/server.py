@@ -51,17 +51,13 @@ from buildbot_sshmux.master.limits import (
 from buildbot_sshmux.master.pbinput import PBChannel, PBInputLimits
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.wire.keys import fingerprint
-from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness
 from buildbot_sshmux.wire.peerlog import PeerLogs, quote
 from buildbot_sshmux.wire.transport import (
     MAX_PACKET_LENGTH,
     SHUTDOWN_REASON,
-    SUPPORTED_CIPHERS,
-    SUPPORTED_MACS,
-    AEADFraming,
     BoundedLogger,
-    DropMalformed,
-    StrictKeyExchange,
+    MuxTransport,
     send_without_delay,
 )
 
@@ -528,9 +524,7 @@ def _before_kex_message(number: int) -> bool:
 
 
 @implementer(IPushProducer)
-class MuxServerTransport(
-    DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming, transport.SSHServerTransport
-):
+class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
     """Conch's server transport with sshd's limits, rekeying, AEAD ciphers first and strict key exchange.
 
     It is the producer of its TCP socket, so it knows when the peer is not
@@ -540,9 +534,6 @@ class MuxServerTransport(
     ``PREAUTH_MAX_PACKET`` long at most.
     """
 
-    _log = BoundedLogger()
-    supportedCiphers = SUPPORTED_CIPHERS
-    supportedMACs = SUPPORTED_MACS
     factory: SSHMuxFactory
     avatar: HostAvatar
     transport: Any  # the TCP transport

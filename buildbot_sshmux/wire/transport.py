@@ -14,6 +14,7 @@ from twisted.conch.ssh.common import getNS
 from twisted.logger import Logger, LogLevel
 
 from buildbot_sshmux.wire.aead import AEAD_CIPHERS, PacketCipher, RandomPadding, packet_cipher, padding_length
+from buildbot_sshmux.wire.liveness import RekeyingTransport
 from buildbot_sshmux.wire.peerlog import quote
 
 log = Logger()
@@ -320,3 +321,14 @@ class DropMalformed:
             self.sendDisconnect(  # type: ignore[attr-defined]
                 transport.DISCONNECT_PROTOCOL_ERROR, b"malformed message"
             )
+
+
+class MuxTransport(DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming):
+    """The stack both ends run on Conch's transport, assembled once: drop a
+    peer whose message cannot be parsed, rekey by volume and age, strict key
+    exchange, AEAD framing, fast algorithms first, bounded logs.  Mix it in
+    before ``SSHServerTransport`` or ``SSHClientTransport``."""
+
+    _log = BoundedLogger()
+    supportedCiphers = SUPPORTED_CIPHERS
+    supportedMACs = SUPPORTED_MACS

@@ -28,16 +28,12 @@ from zope.interface import implementer
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.wire.keys import fingerprint
-from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness, RekeyingTransport
+from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness
 from buildbot_sshmux.wire.peerlog import quote
 from buildbot_sshmux.wire.transport import (
     SHUTDOWN_REASON,
-    SUPPORTED_CIPHERS,
-    SUPPORTED_MACS,
-    AEADFraming,
     BoundedLogger,
-    DropMalformed,
-    StrictKeyExchange,
+    MuxTransport,
     prefer,
     send_without_delay,
 )
@@ -188,14 +184,9 @@ class MuxClientConnection(FlowControlledConnection):
         return 0
 
 
-class MuxClientTransport(
-    DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming, transport.SSHClientTransport
-):
+class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
     """Conch's client transport with host key pinning, rekeying, AEAD ciphers first and strict key exchange."""
 
-    _log = BoundedLogger()
-    supportedCiphers = SUPPORTED_CIPHERS
-    supportedMACs = SUPPORTED_MACS
     _secured = False
 
     def __init__(self, link: MasterLink) -> None:
