@@ -19,7 +19,7 @@ from typing import Any
 from twisted.conch.avatar import ConchUser
 from twisted.conch.error import ConchError, IgnoreAuthentication, ValidPublicKey
 from twisted.conch.interfaces import IConchUser
-from twisted.conch.ssh import _kex, factory, forwarding, keys, transport, userauth
+from twisted.conch.ssh import factory, forwarding, keys, transport, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import (
     OPEN_ADMINISTRATIVELY_PROHIBITED,
@@ -844,7 +844,7 @@ class SSHMuxFactory(factory.SSHFactory):
         t.supportedPublicKeys = [
             algorithm for key in self.privateKeys.values() for algorithm in key.supportedSignatureAlgorithms()
         ]
-        t.supportedKeyExchanges = [k for k in t.supportedKeyExchanges if not _kex.isDynamicPrimesGroup(k)]
+        t.supportedKeyExchanges = [k for k in t.supportedKeyExchanges if b"group-exchange" not in k]
         return t
 
     def getPublicKeys(self) -> dict[bytes, keys.Key]:
