@@ -90,6 +90,7 @@ def cmd_hostkey(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
+    """``buildbot-sshmux demo [OPTIONS]``: every argument goes to the demo's own parser."""
     from buildbot_sshmux.demo import run as demo
 
     return demo.main(args.demo_args)
@@ -112,7 +113,15 @@ def parser() -> argparse.ArgumentParser:
     )
     hostkey.set_defaults(func=cmd_hostkey)
     hosts.add_parsers(sub)
-    demo = sub.add_parser("demo", help="run the demo: a master, two worker hosts, builds", add_help=False)
+    # The demo's own parser (buildbot_sshmux.demo.run.parser) reads its options: -h, --projects,
+    # --keep, and reports a bad one in one line, exit 2.  No argument can hold a NUL, so with
+    # prefix_chars="\0" none looks like an option here and all of them reach that parser.
+    demo = sub.add_parser(
+        "demo",
+        help="run the demo: a master, two worker hosts, builds (its options: demo --help)",
+        add_help=False,
+        prefix_chars="\0",
+    )
     demo.add_argument("demo_args", nargs=argparse.REMAINDER)
     demo.set_defaults(func=cmd_demo)
     return p

@@ -4,7 +4,13 @@ It makes fresh keys and a temporary master (sqlite) with one builder per
 project, starts one ``ssh-worker`` process per simulated worker host (one
 session per project), runs one build per (project, host), then attaches the
 same workers over plain PB for comparison, and prints a summary.  It exits 0
-only if every build succeeded.
+only if every build succeeded.  A run that fails (a build not green, a
+timeout, an exception) keeps its directory and says so; ``--keep`` keeps it
+after a good run too.
+
+Its options are parsed here, by `parser`, whichever way it is started:
+``buildbot-sshmux demo ...`` (``tox -e demo -- ...``) passes every argument
+through, and ``python -m buildbot_sshmux.demo.run`` is the same command.
 """
 
 from __future__ import annotations
@@ -16,9 +22,10 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
-from attrs import define
+from attrs import define, field
+from twisted.logger import Logger
 
 PROJECTS = [
     "glib", "gtk", "libxml2", "pango", "cairo", "gdk-pixbuf", "at-spi2-core",
@@ -26,6 +33,65 @@ PROJECTS = [
     "nautilus", "evince", "gedit", "epiphany", "tracker", "librsvg", "vte", "gstreamer",
 ]  # fmt: skip
 HOSTS = ["debian-sid", "fedora-41"]
+DEFAULT_PROJECTS = 20
+
+DESCRIPTION = (
+    "Run a real Buildbot master with buildbot-sshmux in a fresh temporary directory. "
+    "Two simulated worker hosts connect to it, one SSH connection each, with one worker "
+    "session per project; one build runs per project and host; then the same workers "
+    "attach over plain PB for comparison, and a summary is printed."
+)
+EPILOG = (
+    "It exits 0 only if every build succeeded. A run that fails keeps its directory "
+    "and prints where it is and which logs to read."
+)
+
+_log = Logger()
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        """A bad option is one line on stderr, exit status 2 (argparse prints the usage too)."""
+        self.exit(2, f"{self.prog}: {message}; {self.prog} --help lists the options\n")
+
+
+def _project_count(text: str) -> int:
+    try:
+        count = int(text)
+    except ValueError:
+        count = 0
+    if count < 1:
+        raise argparse.ArgumentTypeError(f"must be a whole number, 1 or more, not {text!r}")
+    return count
+
+
+def parser() -> argparse.ArgumentParser:
+    """The demo's options (``buildbot-sshmux demo --help``)."""
+    p = _Parser(prog="buildbot-sshmux demo", description=DESCRIPTION, epilog=EPILOG)
+    p.add_argument(
+        "--projects",
+        type=_project_count,
+        default=DEFAULT_PROJECTS,
+        metavar="N",
+        help=f"how many projects the master builds; each has one worker session on each of the "
+        f"{len(HOSTS)} hosts and one build per host (default: {DEFAULT_PROJECTS})",
+    )
+    p.add_argument(
+        "--keep",
+        action="store_true",
+        help="keep the temporary directory (keys, master, logs) after a good run too, "
+        "and print its path; a failed run always keeps it",
+    )
+    # The plain PB comparison: run_demo starts this same module as a child process
+    # with --plain-pb PORT BASEDIR NAME...; not for people, so not in --help.
+    p.add_argument("--plain-pb", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
+    return p
+
+
+def project_names(count: int) -> list[str]:
+    """``count`` project names: PROJECTS, then PROJECTS again with ``-1``, ``-2``... suffixes."""
+    names = (PROJECTS * (count // len(PROJECTS) + 1))[:count]
+    return [f"{name}-{i // len(PROJECTS)}" if i >= len(PROJECTS) else name for i, name in enumerate(names)]
 
 
 @define
@@ -44,6 +110,15 @@ class Figures:
     green: int = 0
     total: int = 0
     algorithms: str = ""
+    failed: list[str] = field(factory=list)  # "PROJECT on HOST (RESULT)" of each build not green
+
+
+@define
+class Outcome:
+    """How a run ended: its figures, or what stopped it."""
+
+    figures: Figures | None = None
+    error: str | None = None
 
 
 def _say(text: str) -> None:
@@ -51,6 +126,8 @@ def _say(text: str) -> None:
 
 
 async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[str]) -> Figures:
+    from buildbot.process.results import SUCCESS, statusToString
+
     from buildbot_sshmux.demo import harness as testing
 
     figures = Figures(hosts=len(hosts))
@@ -84,10 +161,14 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
         figures.fds_ssh = testing.open_fds()
         _say(f"all {len(all_names)} sessions attached in {figures.attach_seconds:.1f}s; running builds")
         start = time.monotonic()
-        results = await testing.run_builds(master, [(p, h) for p in projects for h in hosts])
+        requests = [(p, h) for p in projects for h in hosts]
+        results = await testing.run_builds(master, requests)
         figures.build_seconds = time.monotonic() - start
         figures.total = len(results)
-        figures.green = sum(1 for r in results if r == 0)
+        figures.green = sum(1 for r in results if r == SUCCESS)
+        figures.failed = [
+            f"{p} on {h} ({statusToString(r)})" for (p, h), r in zip(requests, results) if r != SUCCESS
+        ]
         _say(f"{figures.green}/{figures.total} builds green in {figures.build_seconds:.1f}s")
         for launcher in launchers:
             launcher.stop()
@@ -96,19 +177,20 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
         )
 
         _say(f"attaching the same {len(all_names)} workers over plain PB for comparison")
-        plain = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "buildbot_sshmux.demo.run",
-                "--plain-pb",
-                str(pb_port),
-                str(root / "plain"),
-                *sorted(all_names),
-            ],
-            stdout=open(root / "plain-pb.log", "wb"),
-            stderr=subprocess.STDOUT,
-        )
+        with open(root / "plain-pb.log", "wb") as plain_log:
+            plain = subprocess.Popen(
+                [
+                    sys.executable,
+                    "-m",
+                    "buildbot_sshmux.demo.run",
+                    "--plain-pb",
+                    str(pb_port),
+                    str(root / "plain"),
+                    *sorted(all_names),
+                ],
+                stdout=plain_log,
+                stderr=subprocess.STDOUT,
+            )
         try:
             await testing.wait_until(
                 reactor, lambda: testing.ready_workers(master) >= all_names, 90, "plain PB workers to attach"
@@ -128,6 +210,15 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
     return figures
 
 
+async def attempt(reactor: Any, root: Path, projects: list[str], hosts: list[str]) -> Outcome:
+    """`run_demo`; an exception it raises becomes the outcome's error (its traceback goes to the log)."""
+    try:
+        return Outcome(figures=await run_demo(reactor, root, projects, hosts))
+    except Exception as e:
+        _log.failure("the demo failed")
+        return Outcome(error=str(e) or type(e).__name__)
+
+
 def _algorithms(sshmux: Any) -> str:
     """What the master's SSH connections negotiated, e.g. cipher and key exchange."""
     seen = set()
@@ -141,7 +232,8 @@ def _check_alive(launchers: list[Any]) -> bool:
     for launcher in launchers:
         if launcher.process.poll() is not None:
             raise RuntimeError(
-                f"ssh-worker exited with {launcher.process.returncode}; its log:\n{launcher.output()[-3000:]}"
+                f"ssh-worker ({launcher.config.parent.name}) exited with {launcher.process.returncode}; "
+                f"the end of its log {launcher.log_path}:\n{launcher.output()[-3000:]}"
             )
     return True
 
@@ -169,44 +261,93 @@ def summary(f: Figures) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="buildbot-sshmux demo", description=__doc__)
-    p.add_argument("--projects", type=int, default=20, help="number of projects (default 20)")
-    p.add_argument("--keep", action="store_true", help="keep the temporary directory")
-    args = p.parse_args(argv)
-    projects = (PROJECTS * (args.projects // len(PROJECTS) + 1))[: args.projects]
-    projects = [
-        f"{name}-{i // len(PROJECTS)}" if i >= len(PROJECTS) else name for i, name in enumerate(projects)
-    ]
+def _problem(outcome: Outcome) -> str | None:
+    """What went wrong in a run, or None if every build succeeded."""
+    if outcome.error is not None:
+        return outcome.error
+    f = outcome.figures
+    if f is None:
+        return "it stopped before it finished"
+    if not f.total:
+        return "no build ran"
+    if f.green != f.total:
+        shown = ", ".join(f.failed[:5]) + (f" and {len(f.failed) - 5} more" if len(f.failed) > 5 else "")
+        return f"{f.total - f.green} of {f.total} builds not green: {shown}"
+    return None
 
+
+def _logs(root: Path) -> list[str]:
+    """The log files a run left in ``root``, master's first."""
+    paths = [root / "master.log", *(root / h / "ssh-worker.log" for h in HOSTS), root / "plain-pb.log"]
+    return [str(p) for p in paths if p.exists()]
+
+
+def report(root: Path, outcome: Outcome, keep: bool) -> int:
+    """Print how a run went; delete ``root`` after a good run unless ``keep``; the exit status."""
+    if outcome.figures is not None:
+        print(summary(outcome.figures))
+    problem = _problem(outcome)
+    if problem is None:
+        if keep:
+            print(f"kept the demo directory {root}")
+        else:
+            shutil.rmtree(root, ignore_errors=True)
+        return 0
+    logs = _logs(root)
+    print(f"demo failed: {problem}", file=sys.stderr)
+    where = f"; its logs: {', '.join(logs)}" if logs else ""
+    extra = " (build output is in the master's database, master/state.sqlite)" if outcome.figures else ""
+    print(f"kept the demo directory {root}{where}{extra}", file=sys.stderr)
+    return 1
+
+
+def _spin(root: Path, projects: list[str], hosts: list[str]) -> Outcome:
+    """`attempt` in Twisted's global reactor, the process's log going to ROOT/master.log."""
     from twisted.internet import defer, reactor
     from twisted.logger import globalLogBeginner, textFileLogObserver
 
-    root = Path(tempfile.mkdtemp(prefix="sshmux-demo-"))
-    log_file = open(root / "master.log", "w")
-    globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
-    _say(f"demo directory {root} (master log: {root / 'master.log'})")
-    outcome: dict[str, Any] = {}
+    # Ended before `attempt` returned: the reactor was stopped (Ctrl-C, a signal).
+    outcome = [Outcome(error="interrupted before it finished")]
 
-    async def go() -> None:
-        outcome["figures"] = await run_demo(reactor, root, projects, HOSTS)
-
-    def done(result: Any) -> None:
-        if isinstance(result, Exception) or hasattr(result, "getErrorMessage"):
-            outcome["error"] = result.getErrorMessage()
+    def finished(result: Any) -> None:
+        if isinstance(result, Outcome):
+            outcome[0] = result
+        else:  # a Failure that `attempt` did not turn into an outcome
+            outcome[0] = Outcome(error=result.getErrorMessage())
         reactor.stop()
 
-    reactor.callWhenRunning(lambda: defer.ensureDeferred(go()).addBoth(done))
-    reactor.run()
-    log_file.close()
-    if "error" in outcome:
-        print(f"demo failed: {outcome['error']} (logs in {root})", file=sys.stderr)
-        return 1
-    figures: Figures = outcome["figures"]
-    print(summary(figures))
-    if not args.keep:
-        shutil.rmtree(root, ignore_errors=True)
-    return 0 if figures.total and figures.green == figures.total else 1
+    with open(root / "master.log", "w") as log_file:
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(log_file)], redirectStandardIO=False)
+        reactor.callWhenRunning(
+            lambda: defer.ensureDeferred(attempt(reactor, root, projects, hosts)).addBoth(finished)
+        )
+        reactor.run()
+    return outcome[0]
+
+
+def run(options: argparse.Namespace) -> int:
+    """Run the demo in a new temporary directory, as ``options`` say; the exit status."""
+    projects = project_names(options.projects)
+    root = Path(tempfile.mkdtemp(prefix="sshmux-demo-"))
+    _say(f"demo directory {root} (master log: {root / 'master.log'})")
+    try:
+        outcome = _spin(root, projects, HOSTS)
+    except BaseException:
+        print(f"demo failed; kept the demo directory {root}", file=sys.stderr)
+        raise
+    return report(root, outcome, options.keep)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = parser()
+    options = p.parse_args(argv)
+    if options.plain_pb is not None:
+        port, *rest = options.plain_pb
+        if not port.isdigit() or not rest:
+            p.error("--plain-pb takes PORT BASEDIR NAME...")
+        plain_pb_main(int(port), Path(rest[0]), rest[1:])
+        return 0
+    return run(options)
 
 
 def plain_pb_main(port: int, basedir: Path, names: list[str]) -> None:
@@ -230,7 +371,4 @@ def plain_pb_main(port: int, basedir: Path, names: list[str]) -> None:
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 3 and sys.argv[1] == "--plain-pb":
-        plain_pb_main(int(sys.argv[2]), Path(sys.argv[3]), sys.argv[4:])
-    else:
-        sys.exit(main())
+    sys.exit(main())
