@@ -1,4 +1,4 @@
-"""One worker session: a real buildbot-worker ``Worker`` whose PB runs over a channel.
+"""One worker session: buildbot-worker's own bot and PB login, over a channel.
 
 Several sessions share one process and one reactor, so none may stop it.
 Stock buildbot-worker calls ``reactor.stop()`` when the master asks the worker
@@ -13,7 +13,8 @@ import os
 from collections.abc import Callable
 from typing import Any
 
-from buildbot_worker.pb import BotFactory, Worker
+from buildbot_worker.base import WorkerBase
+from buildbot_worker.pb import BotFactory, BotPb
 from twisted.application.internet import ClientService
 from twisted.cred import credentials
 from twisted.cred import error as cred_error
@@ -43,6 +44,10 @@ class SessionBotFactory(BotFactory):
     def __init__(self, session: WorkerSession, keepalive: int | None, reactor: Any) -> None:
         super().__init__(None, None, keepalive, None, retryPolicy=session.retry_delay)
         self.session = session
+        self.clock = reactor
+        self.failed_logins = 0  # since the last login that succeeded
+        # BotFactory's keepalive timer runs on its class attribute _reactor
+        # (buildbot-worker's own tests set it so): ours, the launcher's.
         self._reactor = reactor
 
     @defer.inlineCallbacks
@@ -64,23 +69,36 @@ class SessionBotFactory(BotFactory):
                 worker=name,
                 error=why.getErrorMessage(),
             )
-        self._failedAttempts += 1
-        delay = self._timeoutForAttempt(self._failedAttempts)
+        self.failed_logins += 1
+        delay = self.session.retry_delay(self.failed_logins)
         log.info("worker {worker}: next login in {delay:.1f}s", worker=name, delay=delay)
         try:
-            yield task.deferLater(self._reactor, delay, lambda: None)
+            yield task.deferLater(self.clock, delay, lambda: None)
         except defer.CancelledError:
             pass
         broker.transport.loseConnection()
 
     def gotPerspective(self, perspective: Any) -> None:
-        self._failedAttempts = 0
+        self.failed_logins = 0
         log.info("worker {worker}: attached to the master", worker=self.session.name)
         super().gotPerspective(perspective)
 
 
-class WorkerSession(Worker):
-    """A buildbot-worker ``Worker`` reaching its master through ``endpoint``."""
+class SessionBot(BotPb):
+    """buildbot-worker's PB bot, whose master-requested shutdown stops its own
+    session (stock buildbot-worker stops the reactor, and so every session)."""
+
+    stop_session: Callable[[], None] | None = None
+
+    def remote_shutdown(self) -> None:
+        if self.stop_session is not None:
+            self.stop_session()
+
+
+class WorkerSession(WorkerBase):
+    """One worker session, from buildbot-worker's public pieces: a `WorkerBase`
+    with a `SessionBot`, logged in by a `SessionBotFactory` over ``endpoint``
+    (a channel on the host's shared SSH connection)."""
 
     def __init__(
         self,
@@ -92,44 +110,45 @@ class WorkerSession(Worker):
         *,
         keepalive: int = 600,
         retry_delay: Callable[[int], float] | None = None,
-        **worker_kwargs: Any,
+        umask: int | None = None,
+        unicode_encoding: str | None = None,
+        delete_leftover_dirs: bool = False,
+        numcpus: int | None = None,
     ) -> None:
         os.makedirs(basedir, exist_ok=True)
+        super().__init__(
+            name,
+            basedir,
+            SessionBot,
+            umask=umask,
+            unicode_encoding=unicode_encoding,
+            delete_leftover_dirs=delete_leftover_dirs,
+        )
+        if numcpus is not None:
+            self.bot.numcpus = numcpus
         self.retry_delay = retry_delay or backoff(initial=0.5, maximum=30.0)
         self.stopped_by_master = False
-        # The placeholder connection string is never dialled: its ClientService
-        # is replaced below by one on the channel endpoint.
-        super().__init__(
-            None,
-            None,
-            name,
-            password,
-            basedir,
-            keepalive,
-            connection_string="tcp:host=localhost:port=1",
-            **worker_kwargs,
-        )
-        for child in list(self):
-            if isinstance(child, ClientService):
-                self.removeService(child)
+        self._clock = reactor
+        self.bot.stop_session = self._master_asked_shutdown
         encoding = self.bot.unicode_encoding
-        self.bf = SessionBotFactory(self, keepalive, reactor)
+        self.bf = SessionBotFactory(self, keepalive or None, reactor)
         self.bf.startLogin(
             credentials.UsernamePassword(name.encode(encoding), password.encode(encoding)),
             client=self.bot,
         )
-        self.bot.remote_shutdown = self._master_asked_shutdown
-        self._reactor = reactor
         SessionClientService(endpoint, self.bf, retryPolicy=self.retry_delay, clock=reactor).setServiceParent(
             self
         )
 
+    @defer.inlineCallbacks
     def stopService(self) -> Any:
-        # Worker.stopService waits for BotFactory's shutdown notice, which only
-        # stopFactory() gives; a session that never opened a channel (master
-        # unreachable) would wait forever.  Stopping the timers gives it.
+        # buildbot-worker's Worker.stopService, which waits for BotFactory's
+        # shutdown notice; only stopFactory() gives it, and a session that
+        # never opened a channel (master unreachable) would wait forever:
+        # stopping the timers gives it.
         self.bf.stopTimers()
-        return super().stopService()
+        yield super().stopService()
+        yield self.bf.waitForCompleteShutdown()
 
     @property
     def attached(self) -> bool:
@@ -143,4 +162,4 @@ class WorkerSession(Worker):
             worker=self.name,
         )
         self.stopped_by_master = True
-        self._reactor.callLater(0.2, self.disownServiceParent)
+        self._clock.callLater(0.2, self.disownServiceParent)
