@@ -11,6 +11,7 @@ from twisted.conch.ssh import keys
 from buildbot_sshmux.errors import SSHMuxError
 from buildbot_sshmux.master import authorized_hosts
 from buildbot_sshmux.master.authorized_hosts import LineError
+from buildbot_sshmux.wire.keys import parse_public_line
 
 DEFAULT_FILE = "sshmux/authorized_hosts"
 
@@ -35,16 +36,10 @@ def _read_public_key(source: str) -> tuple[keys.Key, str]:
     lines = [line for line in text.splitlines() if line.strip() and not line.startswith("#")]
     if len(lines) != 1:
         raise SSHMuxError(f"{source}: expected one public key line, found {len(lines)}")
-    fields = lines[0].split(None, 2)
     try:
-        key = keys.Key.fromString(" ".join(fields[:2]).encode("ascii"))
-    except Exception:
-        raise SSHMuxError(
-            f"{source}: not an OpenSSH public key line (expected: ssh-ed25519 AAAA... comment)"
-        ) from None
-    if not key.isPublic():
-        raise SSHMuxError(f"{source} is a private key; give the .pub file")
-    return key, fields[2].strip() if len(fields) > 2 else ""
+        return parse_public_line(lines[0])
+    except ValueError as e:
+        raise SSHMuxError(f"{source}: {e}") from None
 
 
 def cmd_authorize(args: argparse.Namespace) -> int:

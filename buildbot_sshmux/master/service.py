@@ -153,7 +153,7 @@ class SSHMuxService(service.BuildbotService):
                 "SSHMuxService: no worker host may log in; set authorized_hosts='FILE' or hosts=[...]"
             )
         try:
-            endpoints.serverFromString(None, str(port) if ":" in str(port) else f"tcp:{port}")
+            endpoints.serverFromString(None, normalize_portstr(port))
         except (ValueError, KeyError) as e:
             config.error(f"SSHMuxService: port {port!r} is not a Twisted strports description ({e})")
         # Relative paths are the master's basedir's: known while Buildbot loads
@@ -296,7 +296,7 @@ class SSHMuxService(service.BuildbotService):
     @defer.inlineCallbacks
     def _start_listening(self, port: str) -> Any:
         assert self.factory is not None
-        description = port if ":" in port else f"tcp:{port}"
+        description = normalize_portstr(port)
         endpoint = endpoints.serverFromString(self.master.reactor, description)
         self.listening_port = yield endpoint.listen(self.factory)
         address = self.listening_port.getHost()

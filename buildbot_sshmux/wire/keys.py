@@ -25,6 +25,19 @@ def public_line(key: keys.Key, comment: str = "") -> str:
     return f"{line} {comment}".rstrip()
 
 
+def parse_public_line(line: str) -> tuple[keys.Key, str]:
+    """An OpenSSH public key line ``TYPE BASE64 [COMMENT]`` as (key, comment);
+    ValueError if it is not one (a private key included)."""
+    fields = line.strip().split(None, 2)
+    try:
+        key = keys.Key.fromString(" ".join(fields[:2]).encode("ascii"))
+    except Exception:
+        raise ValueError("not an OpenSSH public key line (expected: ssh-ed25519 AAAA... comment)") from None
+    if not key.isPublic():
+        raise ValueError("a private key, not a public key line")
+    return key, fields[2].strip() if len(fields) > 2 else ""
+
+
 def check_private_permissions(path: Path) -> None:
     """Refuse a private key file that group or others may read, as OpenSSH does."""
     mode = path.stat().st_mode

@@ -27,7 +27,7 @@ from zope.interface import implementer
 
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
-from buildbot_sshmux.wire.keys import fingerprint
+from buildbot_sshmux.wire.keys import fingerprint, parse_public_line
 from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness
 from buildbot_sshmux.wire.peerlog import quote
 from buildbot_sshmux.wire.transport import (
@@ -83,8 +83,7 @@ class HostKeyPins:
             if pin.startswith("SHA256:"):
                 prints.append(pin)
             else:
-                fields = pin.split()
-                key = keys.Key.fromString(" ".join(fields[:2]).encode("ascii"))
+                key, _comment = parse_public_line(pin)
                 prints.append(fingerprint(key))
                 types.append(key.sshType())
         return cls(tuple(prints), known_hosts, tuple(types))
