@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import reprlib
 from collections.abc import Callable
 from typing import Any
 
@@ -13,17 +12,9 @@ from twisted.spread import pb
 from zope.interface import implementer
 
 from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.wire.peerlog import short_repr
 
 log = Logger()
-
-_short = reprlib.Repr()  # a peer's name, for the log: long strings and lists are cut
-_short.maxstring = _short.maxother = 80
-
-
-def short_repr(value: Any) -> str:
-    """``repr(value)`` as one ASCII line of at most 80 characters."""
-    return _short.repr(value).encode("ascii", "backslashreplace").decode("ascii")[:80]
-
 
 _ANONYMOUS = object()  # credentials without a username
 

@@ -22,6 +22,7 @@ from twisted.conch.interfaces import IConchUser
 from twisted.conch.ssh import factory, forwarding, keys, transport, userauth
 from twisted.conch.ssh.common import NS, getNS
 from twisted.conch.ssh.connection import (
+    MSG_CHANNEL_DATA,
     OPEN_ADMINISTRATIVELY_PROHIBITED,
     OPEN_CONNECT_FAILED,
     OPEN_RESOURCE_SHORTAGE,
@@ -30,7 +31,7 @@ from twisted.conch.ssh.connection import (
 from twisted.cred import credentials, error, portal
 from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer, protocol
+from twisted.internet import defer
 from twisted.internet.interfaces import IPushProducer, IReactorTime
 from twisted.logger import Logger, LogLevel
 from twisted.python.failure import Failure
@@ -65,7 +66,6 @@ log = Logger()
 
 _serials = itertools.count()
 
-MSG_CHANNEL_DATA = 94
 # User-key signature algorithms the master accepts (no SHA-1 ssh-rsa).
 USER_SIGNATURE_ALGORITHMS = (
     b"ssh-ed25519",
@@ -517,12 +517,6 @@ class MuxServerConnection(FlowControlledConnection):
         raise ConchError("CHANNEL_OPEN_FAILURE for a channel the master never opened")
 
 
-def _before_kex_message(number: int) -> bool:
-    """Messages a peer may send before the first key exchange completes (RFC 4253, 7.1)."""
-    return number in (transport.MSG_DISCONNECT, transport.MSG_IGNORE, transport.MSG_UNIMPLEMENTED,
-                      transport.MSG_DEBUG, transport.MSG_KEXINIT, transport.MSG_NEWKEYS) or 30 <= number <= 49  # fmt: skip
-
-
 @implementer(IPushProducer)
 class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
     """Conch's server transport with sshd's limits, rekeying, AEAD ciphers first and strict key exchange.
@@ -636,11 +630,7 @@ class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
         self.stop_rekey_timer()
-        # Conch's, without its "connection lost" line for every connection.
-        if self.service:
-            self.service.serviceStopped()
-        if hasattr(self, "avatar"):
-            self.logoutFunction()
+        super().connectionLost(reason)
         self.peer_log.close(self.describe_peer())
         self.drop_log.close(self.describe_peer())
 
@@ -659,31 +649,6 @@ class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
                     b"too much data before login",
                     transport.DISCONNECT_TOO_MANY_CONNECTIONS,
                 )
-
-    def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
-        # Channel data, once keys are exchanged, takes the first test only.
-        if (messageNum < 50 or not self._initial_kex_done) and not self._transport_message_ok(
-            messageNum, len(payload)
-        ):
-            return
-        super().dispatchMessage(messageNum, payload)
-
-    def _transport_message_ok(self, messageNum: int, size: int) -> bool:
-        """Whether to handle a transport-layer message, or one before the first key exchange."""
-        if not self._initial_kex_done and not _before_kex_message(messageNum):
-            if not self.transport.disconnecting:
-                self.drop(f"SSH message {messageNum} before the key exchange", b"key exchange first")
-            return False
-        if messageNum < 50 and not hasattr(self, "ssh_" + transport.messages.get(messageNum, "MSG_?")[4:]):
-            self.peer_log.info(
-                "{peer}: unknown SSH message {number} ({size} bytes) ignored",
-                peer=self.describe_peer(),
-                number=messageNum,
-                size=size,
-            )
-            self.sendUnimplemented()
-            return False
-        return True
 
     def ssh_SERVICE_REQUEST(self, packet: bytes) -> None:
         name = getNS(packet)[0]
@@ -836,16 +801,6 @@ class SSHMuxFactory(factory.SSHFactory):
         self.drop_logs = PeerLogs(log, reactor)
         self.realm = HostRealm(self)
         self.portal = portal.Portal(self.realm, [AuthorizedHostsChecker(entries)])
-
-    def buildProtocol(self, addr: Any) -> MuxServerTransport:
-        # Conch's, without its line on every connection that it has no moduli:
-        # the group-exchange methods, which need them, are simply not offered.
-        t: MuxServerTransport = protocol.Factory.buildProtocol(self, addr)  # type: ignore[assignment]
-        t.supportedPublicKeys = [
-            algorithm for key in self.privateKeys.values() for algorithm in key.supportedSignatureAlgorithms()
-        ]
-        t.supportedKeyExchanges = [k for k in t.supportedKeyExchanges if b"group-exchange" not in k]
-        return t
 
     def getPublicKeys(self) -> dict[bytes, keys.Key]:
         return {key.sshType(): key.public() for key in self.host_keys}

@@ -487,6 +487,9 @@ class FlowControlledConnection(connection.SSHConnection):
     def __init__(self) -> None:
         super().__init__()
         self.budget = ConnectionBudget(self.limits)
+        self._handlers = {
+            number: getattr(self, "ssh_" + name[4:], None) for number, name in self.protocolMessages.items()
+        }
         self._turns: deque[ProtocolChannel] = deque()
         self._waiting: set[ProtocolChannel] = set()
         self._pumping = False
@@ -500,13 +503,7 @@ class FlowControlledConnection(connection.SSHConnection):
 
     def packetReceived(self, messageNum: int, packet: bytes) -> None:
         # Conch's formats its handler's name for every packet; this looks it up.
-        handlers = self.__dict__.get("_handlers")
-        if handlers is None:
-            handlers = self._handlers = {
-                number: getattr(self, "ssh_" + name[4:], None)
-                for number, name in self.protocolMessages.items()
-            }
-        handler = handlers.get(messageNum)
+        handler = self._handlers.get(messageNum)
         if handler is None:
             self.unknown_message(messageNum, packet)
         else:

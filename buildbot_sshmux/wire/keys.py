@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import base64
 import os
 import stat
 from pathlib import Path
@@ -49,15 +48,14 @@ def check_private_permissions(path: Path) -> None:
 
 
 def _encrypted(data: bytes) -> bool:
-    """Whether a private key file's data is encrypted (OpenSSH v1 or PEM)."""
-    if b"ENCRYPTED" in data[:200]:  # PEM: Proc-Type: 4,ENCRYPTED / ENCRYPTED PRIVATE KEY
-        return True
+    """Whether a private key file's data is encrypted: Conch says so when asked without a passphrase."""
     try:
-        blob = base64.b64decode(b"".join(line for line in data.splitlines() if not line.startswith(b"-----")))
-    except ValueError:
+        keys.Key.fromString(data)
+    except keys.EncryptedKeyError:
+        return True
+    except Exception:
         return False
-    # openssh-key-v1\0, then the cipher name: "none" when not encrypted.
-    return blob.startswith(b"openssh-key-v1\0") and not blob[15:].startswith(b"\0\0\0\x04none")
+    return False
 
 
 def load_private_key(

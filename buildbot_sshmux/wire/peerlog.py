@@ -8,6 +8,7 @@ and one "N more suppressed" summary.
 
 from __future__ import annotations
 
+import reprlib
 from typing import Any
 
 from twisted.logger import Logger, LogLevel
@@ -27,6 +28,15 @@ def quote(value: bytes | str | Any, limit: int = QUOTE_LIMIT) -> str:
         text = text[:limit]
     escaped = text.encode("unicode_escape").decode("ascii")
     return f"{escaped}...(+{more} bytes)" if more > 0 else escaped
+
+
+_short = reprlib.Repr()  # long strings and lists are cut before they are formatted
+_short.maxstring = _short.maxother = QUOTE_LIMIT
+
+
+def short_repr(value: Any) -> str:
+    """``repr(value)`` of a peer's value, as one ASCII line of at most ``QUOTE_LIMIT`` characters."""
+    return _short.repr(value).encode("ascii", "backslashreplace").decode("ascii")[:QUOTE_LIMIT]
 
 
 class RateLimitedLog:

@@ -44,11 +44,8 @@ ROUTINE_FORMATS = frozenset(
     {
         "opening channel {id} with {localWindowSize} {localMaxPacket}",
         "connection lost",
-        "channel open",
-        "remote eof",
-        "remote close",
-        "closed",
         "sending close {id}",
+        "disabling non-fixed-group key exchange algorithms because we cannot find moduli file",
         "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
     }
 )
@@ -267,9 +264,18 @@ class StrictKeyExchange:
         return super().ssh_KEXINIT(packet)  # type: ignore[misc]
 
     def dispatchMessage(self, messageNum: int, payload: bytes) -> None:
-        if self._only_kex_messages and not _key_exchange_message(messageNum):
-            self._violation(b"message %d during the initial key exchange" % messageNum)
-            return
+        if not self._initial_kex_done and not _key_exchange_message(messageNum):
+            # Strict: nothing else at all.  Otherwise only the transport's own
+            # messages (RFC 4253, 7.1): Conch would run ssh-userauth in the clear.
+            if self._only_kex_messages:
+                self._violation(b"message %d during the initial key exchange" % messageNum)
+                return
+            if messageNum not in _TRANSPORT_MESSAGES:
+                self.sendDisconnect(  # type: ignore[attr-defined]
+                    transport.DISCONNECT_PROTOCOL_ERROR,
+                    b"SSH message %d before the key exchange" % messageNum,
+                )
+                return
         super().dispatchMessage(messageNum, payload)  # type: ignore[misc]
 
     def ssh_NEWKEYS(self, packet: bytes) -> None:
@@ -287,6 +293,9 @@ class StrictKeyExchange:
 
     def _violation(self, what: bytes) -> None:
         self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"strict KEX violation: " + what)  # type: ignore[attr-defined]
+
+
+_TRANSPORT_MESSAGES = (transport.MSG_IGNORE, transport.MSG_UNIMPLEMENTED, transport.MSG_DEBUG)
 
 
 def _key_exchange_message(number: int) -> bool:

@@ -117,7 +117,8 @@ def _str(path: Path, where: str, table: dict[str, Any], key: str) -> str | None:
     value = table.get(key)
     if value is None or isinstance(value, str):
         return value
-    raise _fail(path, where, f"{key} must be a string, not {value!r}")
+    shown = type(value).__name__ if key == "password" else repr(value)  # never echo a password
+    raise _fail(path, where, f"{key} must be a string, not {shown}")
 
 
 def _split_address(path: Path, where: str, address: Any) -> tuple[str, int]:

@@ -1,11 +1,9 @@
 """An idle host costs the master's log nothing, and its launcher's log nothing.
 
 At 200 hosts every per-keepalive line is thousands of lines an hour.  A host
-with two sessions sits idle with keepalives every second both ways (the
-default is 30 s: this is an hour's worth of keepalives compressed into
-2 minutes' worth of 1 s intervals... of 12 s here): neither log may grow by a
-line meanwhile.  The figure is the lines per idle host per hour, scaled from
-the 1 s interval to the default 30 s.
+with two sessions sits idle for 12 s with keepalives every second both ways
+(the default is every 30 s): neither log may grow by a line meanwhile.  The
+figure is lines per idle host per hour, scaled to the default interval.
 """
 
 from __future__ import annotations

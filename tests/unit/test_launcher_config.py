@@ -199,6 +199,13 @@ class LauncherConfigTests(TestCase):
         message = self.assertConfigError(ONE_MASTER + 'password_file = "pw"\n', "not both")
         self.assertTrue(message.startswith(f"{self.path}:8: worker 'libxml2-debian-sid': "), message)
 
+    def test_a_password_of_the_wrong_type_is_not_echoed(self) -> None:
+        message = self.assertConfigError(
+            ONE_MASTER.replace('password = "s3cret"', "password = 271828"),
+            "password must be a string, not int",
+        )
+        self.assertNotIn("271828", message)
+
     def test_password_and_password_file_together(self) -> None:
         self.assertConfigError(ONE_MASTER + 'password_file = "pw"\n', "libxml2-debian-sid", "not both")
 
