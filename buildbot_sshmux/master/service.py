@@ -51,6 +51,22 @@ def normalize_portstr(port: int | str) -> str:
     return port
 
 
+# Twisted listens with a backlog of 50: a burst of connections (hundreds of
+# hosts redialling after a master restart, or a flood from one address) fills
+# the accept queue and the kernel drops the next SYNs, so a legitimate host
+# waits a 1 s retransmission.  sshd and nginx listen with 128 and 511.
+SSH_LISTEN_BACKLOG = 511
+
+
+def listen_description(port: int | str) -> str:
+    """The SSH port's strports description, with a deep listen backlog unless it names one."""
+    description = normalize_portstr(port)
+    kind = description.split(":", 1)[0]
+    if kind in ("tcp", "tcp6") and "backlog=" not in description:
+        description += f":backlog={SSH_LISTEN_BACKLOG}"
+    return description
+
+
 def _resolve(basedir: str, path: str | os.PathLike[str]) -> Path:
     return Path(basedir, os.path.expanduser(path))
 
@@ -296,8 +312,7 @@ class SSHMuxService(service.BuildbotService):
     @defer.inlineCallbacks
     def _start_listening(self, port: str) -> Any:
         assert self.factory is not None
-        description = normalize_portstr(port)
-        endpoint = endpoints.serverFromString(self.master.reactor, description)
+        endpoint = endpoints.serverFromString(self.master.reactor, listen_description(port))
         self.listening_port = yield endpoint.listen(self.factory)
         address = self.listening_port.getHost()
         log.info(

@@ -5,9 +5,11 @@ from __future__ import annotations
 import os
 
 from buildbot.config.errors import capture_config_errors
+from twisted.internet import endpoints
+from twisted.internet.testing import MemoryReactor
 from twisted.trial import unittest
 
-from buildbot_sshmux.master.service import SSHMuxService
+from buildbot_sshmux.master.service import SSH_LISTEN_BACKLOG, SSHMuxService, listen_description
 from buildbot_sshmux.wire.keys import generate_ed25519, public_line, write_private_key
 from tests.unit.tmpdirs import scratch_dir
 
@@ -65,3 +67,22 @@ class CheckConfigTests(unittest.TestCase):
         )
         self.assertEqual(len(errors), 1)
         self.assertIn("strports", errors[0])
+
+
+class ListenBacklogTests(unittest.TestCase):
+    """The SSH port listens with a deep accept queue unless its description names one."""
+
+    def test_tcp_ports_get_a_deep_backlog(self) -> None:
+        self.assertEqual(listen_description(2222), f"tcp:2222:backlog={SSH_LISTEN_BACKLOG}")
+        self.assertEqual(
+            listen_description("tcp:0:interface=127.0.0.1"),
+            f"tcp:0:interface=127.0.0.1:backlog={SSH_LISTEN_BACKLOG}",
+        )
+        self.assertEqual(listen_description("tcp:2222:backlog=64"), "tcp:2222:backlog=64")
+        self.assertEqual(listen_description("unix:/run/sshmux.sock"), "unix:/run/sshmux.sock")
+
+    def test_the_description_is_one_twisted_takes(self) -> None:
+        reactor = MemoryReactor()
+        endpoints.serverFromString(reactor, listen_description("tcp:0:interface=127.0.0.1")).listen(object())
+        [(_port, _factory, backlog, interface)] = reactor.tcpServers
+        self.assertEqual((backlog, interface), (SSH_LISTEN_BACKLOG, "127.0.0.1"))
