@@ -10,30 +10,31 @@ from pathlib import Path
 from buildbot_sshmux.cli import add_version, hosts, plain, run
 from buildbot_sshmux.errors import SSHMuxError
 from buildbot_sshmux.wire.address import parse_address
+from buildbot_sshmux.wire.defaults import EXAMPLE_HOST, PB_PORT, SSH_PORT
 
 SNIPPET = """\
 from buildbot_sshmux import SSHMuxService
-c['protocols'] = {{'pb': {{'port': 'tcp:9989:interface=127.0.0.1'}}}}
+c['protocols'] = {{'pb': {{'port': 'tcp:{pb_port}:interface=127.0.0.1'}}}}
 c['services'].append(SSHMuxService(
     port='tcp:{port}',
     host_keys=['sshmux/{key}'],
     authorized_hosts='sshmux/authorized_hosts'))"""
 
 
-PLACEHOLDER = "buildmaster.example.org:2222"
+PLACEHOLDER = f"{EXAMPLE_HOST}:{SSH_PORT}"
 
 
 def split_address(address: str | None) -> tuple[str, str]:
-    """``--address HOST:PORT`` (``[v6]:PORT`` too) as (host, port); SSHMuxError if malformed.
+    """``--address HOST[:PORT]`` (``[v6]:PORT`` too) as (host, port); SSHMuxError if malformed.
 
     Without ``--address`` the lines printed name a placeholder, and say so."""
     if address is None:
-        print(f"no --address given: {PLACEHOLDER} below is a placeholder; give --address HOST:PORT")
+        print(f"no --address given: {PLACEHOLDER} below is a placeholder; give --address HOST[:PORT]")
         address = PLACEHOLDER
     try:
-        host, port = parse_address(address, default_port=None)
+        host, port = parse_address(address)
     except ValueError as e:
-        raise SSHMuxError(f"--address must be HOST:PORT, e.g. {PLACEHOLDER}: {e}") from None
+        raise SSHMuxError(f"--address must be HOST[:PORT], e.g. {PLACEHOLDER}: {e}") from None
     return host, str(port)
 
 
@@ -70,7 +71,7 @@ def cmd_init(args: argparse.Namespace) -> int:
     print("known_hosts line for worker hosts:")
     print(f"{known_hosts_name(host, port)} {public_line(key)}")
     print("add to master.cfg:")
-    print(SNIPPET.format(port=port, key=key_path.name))
+    print(SNIPPET.format(port=port, pb_port=PB_PORT, key=key_path.name))
     return 0
 
 
@@ -102,12 +103,12 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     init = sub.add_parser("init", help="make the master's SSH host key and authorized_hosts")
     init.add_argument("basedir", help="the Buildbot master's basedir")
-    init.add_argument("--address", help="HOST:PORT workers dial (for the known_hosts line)")
+    init.add_argument("--address", help=f"HOST[:PORT] workers dial (port {SSH_PORT} if none)")
     init.add_argument("--type", choices=["ed25519", "ecdsa", "rsa"], default="ed25519")
     init.set_defaults(func=cmd_init)
     hostkey = sub.add_parser("hostkey", help="print known_hosts lines of the master's host keys")
     hostkey.add_argument("basedir", help="the Buildbot master's basedir")
-    hostkey.add_argument("--address", help="HOST:PORT workers dial")
+    hostkey.add_argument("--address", help=f"HOST[:PORT] workers dial (port {SSH_PORT} if none)")
     hostkey.add_argument(
         "--key", action="append", default=[], help="a host key file (default: all in BASEDIR/sshmux)"
     )

@@ -9,6 +9,7 @@ from pathlib import Path
 from buildbot_sshmux.cli import add_version, plain, run
 from buildbot_sshmux.errors import KeyFileError, SSHMuxError
 from buildbot_sshmux.wire.address import parse_address
+from buildbot_sshmux.wire.defaults import EXAMPLE_HOST, IDENTITY_FILE, PB_PORT, SSH_PORT
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -87,9 +88,9 @@ def cmd_init(args: argparse.Namespace) -> int:
     if not args.fingerprint.startswith("SHA256:"):
         raise SSHMuxError("--fingerprint must be the master's SHA256:... host key fingerprint")
     try:
-        parse_address(args.master)  # HOST alone is port 22, as in the TOML
+        parse_address(args.master)  # HOST alone is port 2222, as in the TOML
     except ValueError as e:
-        raise SSHMuxError(f"--master must be HOST[:PORT], e.g. buildmaster.example.org:2222: {e}") from None
+        raise SSHMuxError(f"--master must be HOST[:PORT], e.g. {EXAMPLE_HOST}:{SSH_PORT}: {e}") from None
     workers = "".join(WORKER_TEMPLATE.format(name=n) for n in args.worker) or (
         '\n# add one table per worker session:\n# [[worker]]\n# name = "..."\n'
         '# password_file = "passwords/..."\n# basedir = "workers/..."\n'
@@ -128,16 +129,18 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--debug", action="store_true", help="log SSH protocol details too")
     run.set_defaults(func=cmd_run)
     keygen = sub.add_parser("keygen", help="make this host's SSH key (ed25519, mode 0600)")
-    keygen.add_argument("path", nargs="?", default="id_ed25519")
+    keygen.add_argument("path", nargs="?", default=IDENTITY_FILE)
     keygen.add_argument("--comment", help="key comment, the host name by default")
     keygen.add_argument("--passphrase", action="store_true", help="ask for a passphrase")
     keygen.set_defaults(func=cmd_keygen)
     init = sub.add_parser("init", help="write a launcher config pinned to a master's host key")
     init.add_argument("config", help="the config file to write")
-    init.add_argument("--master", required=True, help="HOST:PORT of the master's SSH server")
+    init.add_argument(
+        "--master", required=True, help=f"HOST[:PORT] of the master's SSH server (port {SSH_PORT} if none)"
+    )
     init.add_argument("--fingerprint", required=True, help="the master's host key, SHA256:...")
-    init.add_argument("--identity", default="id_ed25519", help="this host's private key file")
-    init.add_argument("--pb-port", type=int, default=9989, help="the master's PB port")
+    init.add_argument("--identity", default=IDENTITY_FILE, help="this host's private key file")
+    init.add_argument("--pb-port", type=int, default=PB_PORT, help="the master's PB port")
     init.add_argument("--worker", action="append", default=[], help="a worker name (repeat)")
     init.set_defaults(func=cmd_init)
     return p

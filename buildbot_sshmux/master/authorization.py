@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
-from twisted.cred import error, portal
+from twisted.cred import checkers, error, portal
+from twisted.cred.credentials import IAnonymous
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.spread import pb
@@ -31,20 +31,6 @@ def worker_name(credentials: Any) -> str | None:
     return username if isinstance(username, str) else None
 
 
-@implementer(portal.IRealm)
-class _NoticingRealm:
-    """A realm that says when it is asked for an avatar: the checker has
-    accepted the credentials."""
-
-    def __init__(self, realm: portal.IRealm, accepted: Callable[[], None]) -> None:
-        self.realm = realm
-        self.accepted = accepted
-
-    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> Any:
-        self.accepted()
-        return self.realm.requestAvatar(avatarId, mind, *interfaces)
-
-
 class RefusedLogin(error.UnauthorizedLogin, pb.Error):
     """A refused PB login, as a `pb.Error`: PB logs any other exception it
     sends back with a traceback, one per refused login; the worker still
@@ -55,17 +41,18 @@ class ChannelClosedWhileAttaching(pb.Error):
     """A login that completed after its channel had closed (nobody to answer)."""
 
 
-class HostPortal(portal.Portal):
-    """The master's PB portal as one host sees it: only its allowed worker names.
+class WorkerLogin:
+    """One channel's PB login, as its host may make it: only the worker names
+    its ``authorized_hosts`` entry allows.
 
-    A login as any other name fails with ``UnauthorizedLogin`` (the worker
-    backs off and retries) before the master's checker sees the password.
+    ``portal`` is a plain Twisted ``Portal`` for the channel's
+    ``PBServerFactory``: its checker refuses any other name with
+    ``UnauthorizedLogin`` (the worker backs off and retries) before the
+    master's checker sees the password, and its realm is the master's.
     """
 
-    def __init__(self, wrapped: portal.Portal, entry: HostEntry, peer: str = "") -> None:
-        # A Portal subclass so that PB adapts it to IPBRoot; the checkers and
-        # realm stay the wrapped (master's) portal's.
-        self.wrapped = wrapped
+    def __init__(self, master_portal: portal.Portal, entry: HostEntry, peer: str = "") -> None:
+        self.master_portal = master_portal  # Buildbot's (its Dispatcher's) portal
         self.entry = entry
         self.peer = peer  # "host:port" of the SSH connection, for the log
         self.worker_name: str | None = None  # once the login has completed
@@ -73,49 +60,84 @@ class HostPortal(portal.Portal):
         # attaches the worker (asks for its info, environment included) before
         # the login completes, so that exchange is no longer bounded as a login.
         self.authenticated = False
+        self.portal = portal.Portal(_HostRealm(self), [_HostChecker(self)])
 
-    def login(self, credentials: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
+    def refuse(self, credentials: Any) -> str | None:
+        """Why this host may not log in with ``credentials``, logged; None if it may."""
         username = worker_name(credentials)
+        where = f" from {self.peer}" if self.peer else ""
         if username is None:
             offered = getattr(credentials, "username", _ANONYMOUS)
+            name = "an anonymous login" if offered is _ANONYMOUS else short_repr(offered)
             log.warn(
                 "host {host} ({fingerprint}){where} offered no usable worker name ({name}); login refused",
                 host=self.entry.name,
                 fingerprint=self.entry.fingerprint,
-                where=f" from {self.peer}" if self.peer else "",
-                name="an anonymous login" if offered is _ANONYMOUS else short_repr(offered),
+                where=where,
+                name=name,
             )
-            return defer.fail(RefusedLogin())
+            return "no usable worker name"
         if not self.entry.may_attach(username):
             log.warn(
                 "host {host} ({fingerprint}){where} may not attach worker {worker}"
                 " (allowed: {allowed}); login refused",
                 host=self.entry.name,
                 fingerprint=self.entry.fingerprint,
-                where=f" from {self.peer}" if self.peer else "",
+                where=where,
                 worker=short_repr(username),
                 allowed=",".join(self.entry.workers),
             )
-            return defer.fail(RefusedLogin())
-        checked = portal.Portal(_NoticingRealm(self.wrapped.realm, self._accepted))
-        checked.checkers = self.wrapped.checkers
-        d = checked.login(credentials, mind, *interfaces)
+            return "a worker name this host may not attach"
+        return None
 
-        def logged_in(result: Any) -> Any:
-            self.worker_name = username
-            return result
+
+@implementer(checkers.ICredentialsChecker)
+class _HostChecker:
+    """The host's rule on worker names, then the master's own checker."""
+
+    def __init__(self, login: WorkerLogin) -> None:
+        self.login = login
+        # The master's, and IAnonymous: refused here with one line, where Portal
+        # would log UnhandledCredentials with a traceback.
+        interfaces = login.master_portal.listCredentialsInterfaces()
+        self.credentialInterfaces = (*interfaces, *([] if IAnonymous in interfaces else [IAnonymous]))
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred[Any]:
+        if self.login.refuse(credentials) is not None:
+            return defer.fail(RefusedLogin())
+        master_checkers = self.login.master_portal.checkers
+        checker = next(c for i, c in master_checkers.items() if i.providedBy(credentials))
+        d = defer.maybeDeferred(checker.requestAvatarId, credentials)
 
         def refused(failure: Any) -> Any:
-            self.authenticated = self.worker_name is not None
             if failure.check(error.UnauthorizedLogin) and not failure.check(RefusedLogin):
                 raise RefusedLogin(*failure.value.args)  # Buildbot has logged its one line
             return failure
 
-        d.addCallbacks(logged_in, refused)
-        return d.addCallback(self._logout_if_gone, mind, username)
+        return d.addErrback(refused)
 
-    def _accepted(self) -> None:
-        self.authenticated = True
+
+@implementer(portal.IRealm)
+class _HostRealm:
+    """The master's realm, noting when the password was accepted and when the login completed."""
+
+    def __init__(self, login: WorkerLogin) -> None:
+        self.login = login
+
+    def requestAvatar(self, avatarId: Any, mind: Any, *interfaces: Any) -> defer.Deferred[Any]:
+        login = self.login
+        login.authenticated = True
+        d = defer.maybeDeferred(login.master_portal.realm.requestAvatar, avatarId, mind, *interfaces)
+
+        def attached(result: Any) -> Any:
+            login.worker_name = worker_name_of(avatarId)
+            return self._logout_if_gone(result, mind, login.worker_name)
+
+        def refused(failure: Any) -> Any:
+            login.authenticated = False  # e.g. Buildbot refuses a worker attached already
+            return failure
+
+        return d.addCallbacks(attached, refused)
 
     def _logout_if_gone(self, result: Any, mind: Any, username: str) -> Any:
         # Twisted PB registers the logout with the broker only once the login
@@ -127,12 +149,14 @@ class HostPortal(portal.Portal):
             return result
         log.info(
             "host {host}: the channel of worker {worker!r} closed while it attached; detaching it",
-            host=self.entry.name,
+            host=self.login.entry.name,
             worker=username,
         )
         _interface, _avatar, logout = result
         logout()
         raise ChannelClosedWhileAttaching(f"worker {username!r}: the channel closed while it attached")
 
-    def listCredentialsInterfaces(self) -> list[Any]:
-        return self.wrapped.listCredentialsInterfaces()
+
+def worker_name_of(avatar_id: Any) -> str:
+    """The worker name an avatar id stands for (Buildbot's checker returns the name, as bytes)."""
+    return avatar_id.decode("utf-8", "replace") if isinstance(avatar_id, bytes) else str(avatar_id)

@@ -147,20 +147,20 @@ class PBChannel(ProtocolChannel):
         self,
         protocol: banana.Banana,
         *,
-        host_portal: Any,
+        login: Any,
         input_limits: PBInputLimits = PBInputLimits(),
         **kwargs: Any,
     ) -> None:
         super().__init__(protocol, **kwargs)
-        self.host_portal = host_portal  # authorization.HostPortal
+        self.login = login  # authorization.WorkerLogin
         self._login_charged = 0  # of the connection's pb_login_bytes
-        self.input = BananaInput(protocol, input_limits, lambda: host_portal.authenticated)
+        self.input = BananaInput(protocol, input_limits, lambda: login.authenticated)
 
     def deliver(self, data: bytes) -> None:
         for piece in self.input.pieces(data):
             if self.disconnected:
                 return
-            if self.host_portal.authenticated:
+            if self.login.authenticated:
                 self._release_login_bytes()
             else:
                 self._count_login_bytes(len(piece))
@@ -189,9 +189,8 @@ class PBChannel(ProtocolChannel):
         super().closed()
 
     def describe(self) -> str:
-        portal = self.host_portal
-        worker = f" worker {portal.worker_name!r}" if portal.worker_name is not None else ""
+        login = self.login
+        worker = f" worker {login.worker_name!r}" if login.worker_name is not None else ""
         return (
-            f"host {portal.entry.name} ({portal.entry.fingerprint}) from {portal.peer}"
-            f" channel {self.id}{worker}"
+            f"host {login.entry.name} ({login.entry.fingerprint}) from {login.peer} channel {self.id}{worker}"
         )

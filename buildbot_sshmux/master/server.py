@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import ipaddress
 import itertools
-import struct
 from collections.abc import Callable, Iterable, Sequence
 from typing import Any
 
@@ -38,7 +37,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
-from buildbot_sshmux.master.authorization import HostPortal
+from buildbot_sshmux.master.authorization import WorkerLogin
 from buildbot_sshmux.master.authorized_hosts import HostEntry
 from buildbot_sshmux.master.limits import (
     MAX_KEY_BLOB,
@@ -233,13 +232,13 @@ class HostAvatar(ConchUser):
         address = ChannelAddress(
             "TCP", getattr(peer, "host", "?"), getattr(peer, "port", 0), ssh_host=self.entry.name
         )
-        host_portal = HostPortal(pb_portal, self.entry, f"{address.host}:{address.port}")
-        pb_factory = pb.PBServerFactory(host_portal, unsafeTracebacks=unsafe_tracebacks)
+        login = WorkerLogin(pb_portal, self.entry, f"{address.host}:{address.port}")
+        pb_factory = pb.PBServerFactory(login.portal, unsafeTracebacks=unsafe_tracebacks)
         protocol = pb_factory.buildProtocol(address)
         local = ChannelAddress("TCP", "127.0.0.1", pb_port, ssh_host=self.entry.name)
         channel = PBChannel(
             protocol,
-            host_portal=host_portal,
+            login=login,
             input_limits=self.server.pb_input,
             peer=address,
             host=local,
@@ -262,11 +261,11 @@ class HostAvatar(ConchUser):
         """Apply a reloaded entry: close the sessions it no longer allows."""
         self.entry = entry
         for channel in self.pb_channels():
-            host_portal = getattr(channel, "host_portal", None)
-            if host_portal is None:
+            login = getattr(channel, "login", None)
+            if login is None:
                 continue
-            host_portal.entry = entry
-            worker = host_portal.worker_name
+            login.entry = entry
+            worker = login.worker_name
             if worker is not None and not entry.may_attach(worker):
                 log.warn(
                     "{who} may no longer attach worker {worker!r} (workers={allowed}); closing its session",
@@ -531,13 +530,13 @@ class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
     factory: SSHMuxFactory
     avatar: HostAvatar
     transport: Any  # the TCP transport
+    produces_for_tcp = True  # so its connection service does not register as producer too
     _grace_call: Any = None
     source = "?"
     connected_at = 0.0
     replaced = False  # a newer connection of its host key is taking over
     _link_paused = False
     _reading_paused = False
-    _disconnect_logged = False  # the reason was logged already (once is enough)
     _kex_queued = 0  # bytes Conch holds until the key exchange ends
     _written_while_paused = 0  # bytes written since the socket last had room
 
@@ -702,14 +701,13 @@ class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
         super().sendPacket(messageType, payload)
 
     def sendDisconnect(self, reason: int, desc: bytes, why: str | None = None) -> None:
-        """Conch's, with one rate-limited line (``why``, or the description) instead of two."""
+        """Conch's, with one rate-limited line (``why``, or the description) instead of its own."""
         if not self._disconnect_logged:
             self._disconnect_logged = True
             self.drop_log.warn(
                 "{peer}: {why}; disconnected", peer=self.describe_peer(), why=why or quote(desc, 200)
             )
-        self.sendPacket(transport.MSG_DISCONNECT, struct.pack(">L", reason) + NS(desc[:200]) + NS(b""))
-        self.transport.loseConnection()
+        super().sendDisconnect(reason, desc[:200])
 
     def _newKeys(self) -> None:
         self._kex_queued = 0  # Conch sends (or, if the socket is full, writes) them now

@@ -18,7 +18,7 @@ import os
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any
 
 import attrs
 from buildbot import config
@@ -37,6 +37,7 @@ from buildbot_sshmux.master.limits import ServerLimits, StartupGate
 from buildbot_sshmux.master.pbinput import PBInputLimits
 from buildbot_sshmux.master.server import PBUnavailable, SSHMuxFactory
 from buildbot_sshmux.wire.channel import FlowLimits
+from buildbot_sshmux.wire.defaults import PB_PORT, SSH_PORT
 from buildbot_sshmux.wire.keys import fingerprint, load_private_key
 from buildbot_sshmux.wire.liveness import Liveness
 from buildbot_sshmux.wire.transport import BoundedLogger
@@ -89,6 +90,7 @@ def _load_entries(basedir: str, path: str | None, inline: Sequence[str]) -> tupl
     return entries, errors
 
 
+DEFAULT_PORT = f"tcp:{SSH_PORT}"
 PB_PREFIX = "pb_"  # SSHMuxService(pb_max_message=...) is PBInputLimits(max_message=...)
 
 
@@ -142,11 +144,10 @@ class SSHMuxService(service.BuildbotService):
     name: str | None = "sshmux"  # type: ignore[assignment]
     reload_interval = 2.0
     """Seconds between checks of authorized_hosts for edits."""
-    compare_attrs: ClassVar[Sequence[str]] = ("name", "_config_args", "_config_kwargs")
 
     def checkConfig(  # type: ignore[override]
         self,
-        port: str | int = "tcp:2222",
+        port: str | int = DEFAULT_PORT,
         host_keys: Sequence[str] = (),
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
@@ -169,7 +170,9 @@ class SSHMuxService(service.BuildbotService):
                 "SSHMuxService: no worker host may log in; set authorized_hosts='FILE' or hosts=[...]"
             )
         try:
-            endpoints.serverFromString(None, normalize_portstr(port))
+            from twisted.internet import reactor  # parsing only; nothing listens until startService
+
+            endpoints.serverFromString(reactor, normalize_portstr(port))
         except (ValueError, KeyError) as e:
             config.error(f"SSHMuxService: port {port!r} is not a Twisted strports description ({e})")
         # Relative paths are the master's basedir's: known while Buildbot loads
@@ -216,7 +219,7 @@ class SSHMuxService(service.BuildbotService):
     @defer.inlineCallbacks
     def reconfigService(  # type: ignore[override]
         self,
-        port: str | int = "tcp:2222",
+        port: str | int = DEFAULT_PORT,
         host_keys: Sequence[str] = (),
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
@@ -229,7 +232,7 @@ class SSHMuxService(service.BuildbotService):
         if "pb" not in self.master.config.protocols:
             config.error(
                 "SSHMuxService needs Buildbot's PB protocol: set "
-                "c['protocols'] = {'pb': {'port': 'tcp:9989:interface=127.0.0.1'}}"
+                f"c['protocols'] = {{'pb': {{'port': 'tcp:{PB_PORT}:interface=127.0.0.1'}}}}"
             )
         try:
             loaded_keys = _load_host_keys(basedir, host_keys)

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from buildbot_sshmux.wire.defaults import SSH_PORT
 
-def parse_address(address: str, default_port: int | None = 22) -> tuple[str, int]:
+
+def parse_address(address: str, default_port: int | None = SSH_PORT) -> tuple[str, int]:
     """``HOST:PORT``, ``[V6]:PORT``, ``HOST`` or a bare IPv6 address as (host, port).
 
-    A missing port is ``default_port`` (22, as OpenSSH), or a ValueError when
-    None; a malformed one is a ValueError naming the address.
+    A missing port is ``default_port`` (SSHMuxService's default port, 2222),
+    or a ValueError when None; a malformed one is a ValueError naming the address.
     """
     text = address.strip()
     if text.startswith("["):

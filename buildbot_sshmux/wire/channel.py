@@ -16,9 +16,10 @@ full.  This one counts what waits, per channel and per connection:
   reading at all: the channel is aborted and says so (with a
   ``stall_timeout``, only once the peer has also taken nothing for that long).
 
-The connection registers itself as producer on its TCP transport, so a full
-socket buffer holds back every channel instead of growing in the kernel's
-place.
+The connection registers itself as producer on its TCP transport (unless its
+SSH transport ``produces_for_tcp`` itself and passes pauses on, as the
+server's does), so a full socket buffer holds back every channel instead of
+growing in the kernel's place.
 
 An exception from the protocol's ``dataReceived`` (garbage from the peer)
 closes that channel alone, with one log line, as it would close a TCP
@@ -174,7 +175,6 @@ class ProtocolChannel(SSHChannel):
         self._throttled = False
         self._closing_cleanly = False
         self._peer_closed = False
-        self.host_portal: Any = None  # the master side's HostPortal, set by HostAvatar
         self._delivering = False
         self._lost_later: Failure | None = None
 
@@ -498,7 +498,7 @@ class FlowControlledConnection(connection.SSHConnection):
         super().serviceStarted()
         self.budget = ConnectionBudget(self.limits)  # subclasses may set limits late
         tcp = getattr(self.transport, "transport", None)
-        if tcp is not None and getattr(tcp, "producer", None) is None:
+        if tcp is not None and not getattr(self.transport, "produces_for_tcp", False):
             tcp.registerProducer(self, True)
 
     def packetReceived(self, messageNum: int, packet: bytes) -> None:

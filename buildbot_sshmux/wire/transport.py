@@ -47,6 +47,7 @@ ROUTINE_FORMATS = frozenset(
         "sending close {id}",
         "disabling non-fixed-group key exchange algorithms because we cannot find moduli file",
         "Scheduling retry {attempt} to connect {endpoint} in {delay} seconds.",
+        "Disconnecting with error, code {code}\nreason: {description}",
     }
 )
 
@@ -310,6 +311,8 @@ class DropMalformed:
     Conch parses with struct and indexing, so a malformed message raises; it
     must not reach the reactor.
     """
+
+    _disconnect_logged = False  # the reason was logged already (once is enough)
 
     def describe_peer(self) -> str:
         raise NotImplementedError

@@ -3,7 +3,7 @@
 ::
 
     [master]
-    address = "buildmaster.example.org:2222"
+    address = "buildmaster.example.org:2222"  # the port defaults to 2222
     host_key = "ssh-ed25519 AAAA..."      # pinned (a key line or SHA256:...); or known_hosts = "path"
     identity = "id_ed25519"               # this host's private key (OpenSSH format)
     pb_port = 9989                        # the master's PB port, reached through the channel
@@ -24,10 +24,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from attrs import frozen
+from attrs import fields_dict, frozen
 
 from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.wire import defaults
 from buildbot_sshmux.wire.address import parse_address
+from buildbot_sshmux.wire.liveness import Liveness
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -36,9 +38,14 @@ else:  # pragma: no cover
 
 MASTER_KEYS = {
     "name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file",
-    "pb_port", "username", "keepalive_interval", "keepalive_count_max", "rekey_bytes", "rekey_interval",
+    "pb_port", "username", *fields_dict(Liveness),
 }  # fmt: skip
 WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
+
+
+def _default(cls: type, key: str) -> Any:
+    """The default of a config class's field: each default is written once, there."""
+    return fields_dict(cls)[key].default
 
 
 @frozen
@@ -47,7 +54,7 @@ class WorkerConfig:
     password: str
     basedir: Path
     master: str
-    keepalive: int = 600
+    keepalive: int = defaults.WORKER_KEEPALIVE
     umask: int | None = None
 
 
@@ -60,12 +67,9 @@ class MasterConfig:
     host_keys: tuple[str, ...] = ()
     known_hosts: Path | None = None
     identity_passphrase_file: Path | None = None
-    pb_port: int = 9989
-    username: str = "buildbot-worker"
-    keepalive_interval: int = 30
-    keepalive_count_max: int = 3
-    rekey_bytes: int = 1 << 30
-    rekey_interval: int = 3600
+    pb_port: int = defaults.PB_PORT
+    username: str = defaults.SSH_USERNAME
+    liveness: Liveness = Liveness()
 
 
 @frozen
@@ -106,9 +110,14 @@ def _line_of(path: Path, where: str) -> int | None:
     return found[nth - 1] if len(found) >= nth else None
 
 
-def _int(path: Path, where: str, table: dict[str, Any], key: str, default: int | None) -> Any:
-    value = table.get(key, default)
-    if value is None or (isinstance(value, int) and not isinstance(value, bool)):
+LIVENESS_KEYS = tuple(fields_dict(Liveness))  # keepalive_interval, ... rekey_interval
+
+
+def _int(path: Path, where: str, table: dict[str, Any], key: str, default: Any) -> Any:
+    if key not in table:
+        return default
+    value = table[key]
+    if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise _fail(path, where, f"{key} must be an integer, not {value!r}")
 
@@ -167,12 +176,11 @@ def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
         identity_passphrase_file=(
             base / str(table["identity_passphrase_file"]) if "identity_passphrase_file" in table else None
         ),
-        pb_port=_int(path, where, table, "pb_port", 9989),
-        username=str(table.get("username", "buildbot-worker")),
-        keepalive_interval=_int(path, where, table, "keepalive_interval", 30),
-        keepalive_count_max=_int(path, where, table, "keepalive_count_max", 3),
-        rekey_bytes=_int(path, where, table, "rekey_bytes", 1 << 30),
-        rekey_interval=_int(path, where, table, "rekey_interval", 3600),
+        username=str(table.get("username", defaults.SSH_USERNAME)),
+        pb_port=_int(path, where, table, "pb_port", _default(MasterConfig, "pb_port")),
+        liveness=Liveness(
+            **{key: _int(path, where, table, key, _default(Liveness, key)) for key in LIVENESS_KEYS}
+        ),
     )
 
 
@@ -215,7 +223,7 @@ def _worker(path: Path, index: int, table: Any, masters: dict[str, MasterConfig]
         password=password,
         basedir=basedir,
         master=master,
-        keepalive=_int(path, where, table, "keepalive", 600),
+        keepalive=_int(path, where, table, "keepalive", _default(WorkerConfig, "keepalive")),
         umask=_int(path, where, table, "umask", None),
     )
 

@@ -10,7 +10,6 @@ from twisted.internet import defer
 
 from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.wire.keys import load_private_key
-from buildbot_sshmux.wire.liveness import Liveness
 from buildbot_sshmux.worker.config import LauncherConfig, MasterConfig
 from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
 from buildbot_sshmux.worker.session import WorkerSession
@@ -51,12 +50,6 @@ class Launcher(service.MultiService):
                     f"{config.path}: master {master.name}: host_key is not an OpenSSH key line"
                     f" or SHA256: fingerprint ({e})"
                 ) from None
-            liveness = Liveness(
-                keepalive_interval=master.keepalive_interval,
-                keepalive_count_max=master.keepalive_count_max,
-                rekey_bytes=master.rekey_bytes,
-                rekey_interval=master.rekey_interval,
-            )
             link = MasterLink(
                 reactor,
                 master.host,
@@ -64,7 +57,7 @@ class Launcher(service.MultiService):
                 identity,
                 pins,
                 username=master.username,
-                liveness=liveness,
+                liveness=master.liveness,
             )
             link.setName(f"link {master.name}")
             link.setServiceParent(self)

@@ -234,10 +234,14 @@ class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
             )
 
     def sendDisconnect(self, reason: int, desc: bytes) -> None:
-        # Conch's ECDH path logs (and sends to the master) the repr of the
-        # verification Failure; verifyHostKey has said it already, in one line.
+        # One line of ours, where Conch's says "Disconnecting with error" (debug).
+        # Its ECDH path would also send the master the repr of the verification
+        # Failure; verifyHostKey has said why in one line already.
         if reason == transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE:
             desc = b"bad host key"
+        elif not self._disconnect_logged:
+            self._disconnect_logged = True
+            log.warn("{master}: {why}; disconnected", master=self.describe_peer(), why=quote(desc, 200))
         super().sendDisconnect(reason, desc)
 
     def connectionMade(self) -> None:

@@ -5,17 +5,18 @@ from __future__ import annotations
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.wire.address import parse_address
+from buildbot_sshmux.wire.defaults import SSH_PORT
 
 
 class ParseAddressTests(TestCase):
     def test_forms(self) -> None:
         cases = {
             "master.example.org:2222": ("master.example.org", 2222),
-            "master.example.org": ("master.example.org", 22),
+            "master.example.org": ("master.example.org", SSH_PORT),
             "192.0.2.1:2222": ("192.0.2.1", 2222),
             "[2001:db8::1]:2222": ("2001:db8::1", 2222),
-            "[2001:db8::1]": ("2001:db8::1", 22),
-            "2001:db8::1": ("2001:db8::1", 22),
+            "[2001:db8::1]": ("2001:db8::1", SSH_PORT),
+            "2001:db8::1": ("2001:db8::1", SSH_PORT),
             " master:2222 ": ("master", 2222),
         }
         for text, expected in cases.items():

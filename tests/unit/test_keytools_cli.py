@@ -20,6 +20,7 @@ from twisted.trial.unittest import TestCase
 from buildbot_sshmux.cli import admin, ssh_worker
 from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.master.authorized_hosts import load
+from buildbot_sshmux.wire.defaults import SSH_PORT
 from buildbot_sshmux.wire.keys import (
     fingerprint,
     generate_ed25519,
@@ -76,11 +77,16 @@ class InitTests(MasterTestCase):
             self.assertEqual(code, 0, err)
             self.assertIn("no --address given: buildmaster.example.org:2222 below is a placeholder", out)
 
-    def test_an_address_without_port_is_refused(self) -> None:
-        code, _out, err = self.admin("init", str(self.basedir), "--address", "master.example.org")
+    def test_an_address_without_port_is_the_services_default_port(self) -> None:
+        code, out, err = self.admin("init", str(self.basedir), "--address", "master.example.org")
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"[master.example.org]:{SSH_PORT} ssh-ed25519 ", out)
+        self.assertIn(f"port='tcp:{SSH_PORT}'", out)
+
+    def test_a_malformed_address_is_refused(self) -> None:
+        code, _out, err = self.admin("init", str(self.basedir), "--address", "master.example.org:0")
         self.assertEqual(code, 2)
-        self.assertIn("--address must be HOST:PORT", err)
-        self.assertIn("has no port", err)
+        self.assertIn("--address must be HOST[:PORT]", err)
 
     def test_init_makes_a_0600_key_and_an_empty_0600_authorized_hosts(self) -> None:
         self.init()
@@ -459,7 +465,7 @@ class WorkerInitTests(TestCase):
             ],
         )  # fmt: skip
 
-    def test_a_master_without_port_is_port_22_as_in_the_toml(self) -> None:
+    def test_a_master_without_port_is_the_default_port_as_in_the_toml(self) -> None:
         code, _out, err = run(
             ssh_worker.main,
             ["init", str(self.config), "--master", "master.example.org", "--fingerprint",
@@ -469,7 +475,7 @@ class WorkerInitTests(TestCase):
         (self.dir / "passwords").mkdir()
         (self.dir / "passwords" / "w").write_text("pw\n")
         [master] = launcher_config.load(self.config).masters
-        self.assertEqual((master.host, master.port), ("master.example.org", 22))
+        self.assertEqual((master.host, master.port), ("master.example.org", SSH_PORT))
 
     def test_config_loads_once_the_password_files_exist(self) -> None:
         code, out, err = self.init("--worker", "libxml2-debian-sid", "--worker", "glib-debian-sid")

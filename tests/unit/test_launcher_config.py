@@ -8,6 +8,7 @@ from pathlib import Path
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.wire.defaults import SSH_PORT
 from buildbot_sshmux.worker import config as launcher_config
 
 from .tmpdirs import scratch_dir
@@ -61,7 +62,7 @@ class LauncherConfigTests(TestCase):
         self.assertEqual(worker.password, "s3cret")
         self.assertEqual(worker.master, master.name)
         self.assertEqual(worker.keepalive, 600)
-        self.assertEqual((master.rekey_bytes, master.rekey_interval), (1 << 30, 3600))
+        self.assertEqual((master.liveness.rekey_bytes, master.liveness.rekey_interval), (1 << 30, 3600))
 
     def test_rekey_limits(self) -> None:
         config = self.load(
@@ -79,7 +80,7 @@ class LauncherConfigTests(TestCase):
             """
         )
         [master] = config.masters
-        self.assertEqual((master.rekey_bytes, master.rekey_interval), (65536, 600))
+        self.assertEqual((master.liveness.rekey_bytes, master.liveness.rekey_interval), (65536, 600))
         self.assertConfigError(
             ONE_MASTER.replace("[master]\n", '[master]\nrekey_bytes = "1G"\n', 1),
             "[master]",
@@ -118,9 +119,9 @@ class LauncherConfigTests(TestCase):
         config = self.load(ONE_MASTER.replace('"id_ed25519"', '"/etc/ssh-worker/id"'))
         self.assertEqual(config.masters[0].identity, Path("/etc/ssh-worker/id"))
 
-    def test_address_without_port_means_22_and_ipv6_brackets(self) -> None:
+    def test_address_without_port_means_the_default_port_and_ipv6_brackets(self) -> None:
         config = self.load(ONE_MASTER.replace("buildmaster.example.org:2222", "buildmaster"))
-        self.assertEqual((config.masters[0].host, config.masters[0].port), ("buildmaster", 22))
+        self.assertEqual((config.masters[0].host, config.masters[0].port), ("buildmaster", SSH_PORT))
         config2 = launcher_config.load(
             self._write_other(ONE_MASTER.replace("buildmaster.example.org:2222", "[::1]:2200"))
         )

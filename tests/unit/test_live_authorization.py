@@ -349,8 +349,8 @@ class NarrowWorkersTests(TestCase):
         self.pair.factory.apply_entries()
         self.pair.flush()
 
-    def test_host_portal_records_the_logged_in_worker_name(self) -> None:
-        names = sorted(c.host_portal.worker_name for c in self.server_channels())
+    def test_worker_login_records_the_logged_in_worker_name(self) -> None:
+        names = sorted(c.login.worker_name for c in self.server_channels())
         self.assertEqual(names, ["gtk-debian-sid", "libxml2-debian-sid"])
 
     def test_only_the_no_longer_allowed_session_is_closed(self) -> None:
@@ -358,7 +358,7 @@ class NarrowWorkersTests(TestCase):
 
         self.assertEqual(self.lost, ["gtk"])
         [remaining] = self.server_channels()
-        self.assertEqual(remaining.host_portal.worker_name, "libxml2-debian-sid")
+        self.assertEqual(remaining.login.worker_name, "libxml2-debian-sid")
         self.assertEqual(len(self.pair.connection().channels), 1)
         self.assertIsNotNone(self.pair.link.connection, "the host's connection stays up")
         echoed = self.libxml2.callRemote("echo", "unaffected")

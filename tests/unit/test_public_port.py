@@ -34,6 +34,7 @@ from buildbot_sshmux.master.server import (
 )
 from buildbot_sshmux.wire.keys import fingerprint, generate_ed25519
 from buildbot_sshmux.wire.liveness import Liveness
+from buildbot_sshmux.worker.link import MuxClientTransport
 
 from .sshharness import (
     HOST_KEY,
@@ -186,6 +187,21 @@ class BeforeLoginTests(TestCase):
         self.assertIn("SSH message 5", line)
         self.assertIn(PEER, line)
         server.connectionLost(Failure(Exception("done")))
+
+    def test_the_launcher_takes_no_service_before_the_key_exchange_either(self) -> None:
+        # The same rule on the worker's end: a (non-strict) server that answers
+        # a service before any key exchange is dropped, with one line naming it.
+        client = MuxClientTransport(self.pair.link)
+        tcp = StringTransport(peerAddress=IPv4Address("TCP", "192.0.2.7", 2222))
+        client.makeConnection(tcp)
+        accept = bytes((ssh_transport.MSG_SERVICE_ACCEPT,)) + NS(b"ssh-userauth")
+        client.dataReceived(b"SSH-2.0-attacker\r\n" + frame(accept) * 10)
+        self.assertTrue(tcp.disconnecting)
+        self.assertIsNone(client.service)
+        [line] = [t for t in self.logs.texts() if "before the key exchange" in t]
+        self.assertIn("SSH message 6", line)
+        self.assertIn(self.pair.link.address, line)
+        client.connectionLost(Failure(Exception("done")))
 
     def test_unknown_messages_with_big_payloads_do_not_flood_the_log(self) -> None:
         # Today each was logged at info level with the payload's repr: 60 MB

@@ -24,7 +24,7 @@ from twisted.spread import pb
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
-from buildbot_sshmux.master.authorization import HostPortal
+from buildbot_sshmux.master.authorization import WorkerLogin
 from buildbot_sshmux.master.authorized_hosts import HostEntry
 from buildbot_sshmux.master.server import PBUnavailable, is_loopback
 from buildbot_sshmux.wire.channel import ProtocolChannel
@@ -334,11 +334,12 @@ class PBUnavailableTests(TestCase):
         self.assertEqual([r.data for r in channel.refusals], [OPEN_CONNECT_FAILED])
 
 
-class HostPortalTests(TestCase):
+class WorkerLoginTests(TestCase):
     def setUp(self) -> None:
         self.wrapped, self.checker, self.realm = pb_portal(**{"gtk-debian-sid": b"pw", "gtk-fedora": b"pw"})
         entry = HostEntry(name="debian-sid", key=HOST_KEY.public(), workers=("*-debian-sid", "tools"))
-        self.portal = HostPortal(self.wrapped, entry)
+        self.worker_login = WorkerLogin(self.wrapped, entry)
+        self.portal = self.worker_login.portal
 
     def login(self, name: bytes, password: bytes = b"pw") -> defer.Deferred[Any]:
         return self.portal.login(credentials.UsernamePassword(name, password), None, pb.IPerspective)
@@ -358,8 +359,11 @@ class HostPortalTests(TestCase):
         self.failureResultOf(self.login(b"gtk-debian-sid", b"nope"), UnauthorizedLogin)
         self.assertEqual(self.checker.asked, [b"gtk-debian-sid"])
 
-    def test_credentials_interfaces_are_the_wrapped_portals(self) -> None:
-        self.assertEqual(self.portal.listCredentialsInterfaces(), self.wrapped.listCredentialsInterfaces())
+    def test_credentials_interfaces_are_the_wrapped_portals_and_anonymous(self) -> None:
+        self.assertEqual(
+            set(self.portal.listCredentialsInterfaces()),
+            {*self.wrapped.listCredentialsInterfaces(), credentials.IAnonymous},
+        )
 
 
 class HelperTests(TestCase):
