@@ -13,13 +13,14 @@ from twisted.internet import defer, reactor
 from twisted.trial import unittest
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 
 
 class RealMasterCase(unittest.TestCase):
     """A fresh directory and master log per test; set-up always undone."""
 
     tmp_prefix = "sshmux-it-"
-    log_class: Any = T.LogCapture
+    log_class: Any = S.LogCapture
     # Errors Buildbot or Twisted log (with a traceback) on a path the test
     # provokes: (exception type, message).  Any other logged error fails the test.
     expected_errors: tuple[tuple[type[BaseException], str], ...] = ()
@@ -50,7 +51,7 @@ class RealMasterCase(unittest.TestCase):
         launcher = T.LauncherProcess(config)
         launcher.start()
         self.launchers.append(launcher)
-        self.addCleanup(lambda: defer.ensureDeferred(T.stop_launcher(reactor, launcher)))
+        self.addCleanup(lambda: defer.ensureDeferred(S.stop_launcher(reactor, launcher)))
         return launcher
 
     # -- waiting and asserting ---------------------------------------------------

@@ -1,9 +1,11 @@
-"""Real parts for the demo and the integration tests.
+"""The demo's machinery: real parts on 127.0.0.1.
 
 A real Buildbot master (sqlite) with `SSHMuxService`, keys made fresh,
 ``ssh-worker`` launchers run as separate processes, builds forced through
 the master's data API, and the figures the demo prints (file descriptors,
-TCP connections).  Needs the ``master`` and ``worker`` extras.
+TCP connections).  The integration and fault tests and the benchmarks use
+it too; what only the tests need is in ``tests/support.py``.  Needs the
+``master`` and ``worker`` extras.
 """
 
 from __future__ import annotations
@@ -16,9 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from attrs import define, field
-from twisted.internet import defer, task
-from twisted.logger import ILogObserver
-from zope.interface import implementer
+from twisted.internet import task
 
 from buildbot_sshmux.wire.keys import generate_ed25519, public_line, write_private_key
 
@@ -232,6 +232,32 @@ async def run_builds(master: Any, requests: Sequence[tuple[str, str]]) -> list[i
     return await buildrequest_results(master, await force_builds(master, requests, waited_for=True))
 
 
+async def force_builds(
+    master: Any, requests: Sequence[tuple[str, str]], waited_for: bool = False
+) -> list[int]:
+    """Force one build per (builder, host) without waiting; return the build request ids."""
+    builderids: dict[str, int] = {}
+    brids: list[int] = []
+    for builder, host in requests:
+        if builder not in builderids:
+            builderids[builder] = await master.data.updates.findBuilderId(builder)
+        _bsid, by_builder = await master.data.updates.addBuildset(
+            waited_for=waited_for,
+            builderids=[builderids[builder]],
+            sourcestamps=[
+                {"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}
+            ],
+            properties={"worker_host": (host, "sshmux")},
+        )
+        brids += list(by_builder.values())
+    return brids
+
+
+async def buildrequest_results(master: Any, brids: Sequence[int]) -> list[int]:
+    """Wait for each build request to complete; return their results."""
+    return [await _buildrequest_result(master, brid) for brid in brids]
+
+
 async def _buildrequest_result(master: Any, brid: int) -> int:
     while True:
         request = await master.data.get(("buildrequests", brid))
@@ -244,9 +270,9 @@ def open_fds(pid: int | str = "self") -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
-def _established(port: int, column: int) -> int:
-    """Established TCP connections (this machine) whose address in ``column`` has ``port``."""
-    count = 0
+def established_tcp_ports() -> list[tuple[int, int]]:
+    """The (local port, remote port) of each established TCP connection on this machine."""
+    ports = []
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
             rows = Path(table).read_text().splitlines()[1:]
@@ -254,14 +280,19 @@ def _established(port: int, column: int) -> int:
             continue
         for row in rows:
             fields = row.split()
-            if int(fields[column].rsplit(":", 1)[1], 16) == port and fields[3] == "01":
-                count += 1
-    return count
+            if fields[3] == "01":  # TCP_ESTABLISHED
+                ports.append((_hex_port(fields[1]), _hex_port(fields[2])))
+    return ports
+
+
+def _hex_port(address: str) -> int:
+    """The port of a /proc/net/tcp address (``ADDRESS:PORT``, in hexadecimal)."""
+    return int(address.rsplit(":", 1)[1], 16)
 
 
 def established_tcp(local_port: int) -> int:
     """Established TCP connections whose local port is ``local_port`` (the listening side)."""
-    return _established(local_port, 1)
+    return sum(1 for local, _remote in established_tcp_ports() if local == local_port)
 
 
 class LauncherProcess:
@@ -296,143 +327,3 @@ class LauncherProcess:
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-
-# --- helpers for the integration tests (appended) ---------------------------
-
-
-async def force_builds(
-    master: Any, requests: Sequence[tuple[str, str]], waited_for: bool = False
-) -> list[int]:
-    """Force one build per (builder, host) without waiting; return the build request ids."""
-    builderids: dict[str, int] = {}
-    brids: list[int] = []
-    for builder, host in requests:
-        if builder not in builderids:
-            builderids[builder] = await master.data.updates.findBuilderId(builder)
-        _bsid, by_builder = await master.data.updates.addBuildset(
-            waited_for=waited_for,
-            builderids=[builderids[builder]],
-            sourcestamps=[
-                {"codebase": "", "repository": "", "branch": None, "revision": None, "project": builder}
-            ],
-            properties={"worker_host": (host, "sshmux")},
-        )
-        brids += list(by_builder.values())
-    return brids
-
-
-async def buildrequest_results(master: Any, brids: Sequence[int]) -> list[int]:
-    """Wait for each build request to complete; return their results."""
-    return [await _buildrequest_result(master, brid) for brid in brids]
-
-
-async def builds_of_request(master: Any, brid: int) -> list[dict[str, Any]]:
-    """The builds made for one build request, oldest first."""
-    builds = await master.data.get(("buildrequests", brid, "builds"))
-    return sorted(builds, key=lambda b: b["buildid"])
-
-
-async def build_stdout(master: Any, build: dict[str, Any]) -> list[str]:
-    """The stdout lines of a build's "build" step (its stdio log, 'o' lines)."""
-    log = await master.data.get(("builds", build["buildid"], "steps", "build", "logs", "stdio", "contents"))
-    assert log is not None, f"build {build['buildid']}: no stdio log"
-    return [line[1:] for line in log["content"].splitlines() if line.startswith("o")]
-
-
-async def wait_process_exit(reactor: Any, launcher: LauncherProcess, timeout: float) -> int:
-    """Wait (without blocking the reactor) for a launcher to exit; return its exit code."""
-    assert launcher.process is not None
-    await wait_until(reactor, lambda: launcher.process.poll() is not None, timeout, "the launcher to exit")
-    return int(launcher.process.returncode)
-
-
-async def stop_launcher(reactor: Any, launcher: LauncherProcess, timeout: float = 15.0) -> int | None:
-    """SIGTERM a launcher, SIGKILL it after ``timeout``; never blocks the reactor."""
-    if launcher.process is None:
-        return None
-    if launcher.process.poll() is None:
-        launcher.process.terminate()
-        try:
-            await wait_process_exit(reactor, launcher, timeout)
-        except TimeoutError:
-            launcher.process.kill()
-            await wait_process_exit(reactor, launcher, timeout)
-    return launcher.process.returncode
-
-
-def host_fingerprint(site: Site, host: str) -> str:
-    """The SHA256 fingerprint of a worker host's key, as the master logs it."""
-    from buildbot_sshmux.wire.keys import fingerprint, load_private_key
-
-    return fingerprint(load_private_key(site.identities[host]))
-
-
-@implementer(ILogObserver)
-class LogCapture:
-    """Every log event of this process, formatted, kept in memory and written to a file."""
-
-    def __init__(self, path: Path) -> None:
-        from twisted.logger import formatEventAsClassicLogText
-
-        self.path = path
-        self.lines: list[str] = []
-        self._file = open(path, "a", encoding="utf-8")
-        self._format = formatEventAsClassicLogText
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        text = self._format(event)
-        if text:
-            self.lines.append(text)
-            self._file.write(text)
-
-    def start(self) -> None:
-        from twisted.logger import globalLogPublisher
-
-        globalLogPublisher.addObserver(self)
-
-    def stop(self) -> None:
-        from twisted.logger import globalLogPublisher
-
-        globalLogPublisher.removeObserver(self)
-        self._file.close()
-
-    def matching(self, *needles: str) -> list[str]:
-        """Logged lines containing every one of ``needles``."""
-        return [line for line in self.lines if all(n in line for n in needles)]
-
-
-def established_tcp_to(remote_port: int) -> int:
-    """Established TCP connections whose remote port is ``remote_port`` (the dialling side)."""
-    return _established(remote_port, 2)
-
-
-def open_fd_targets(pid: int | str = "self") -> list[str]:
-    """What each open fd of a process is (``socket:[inode]``, a path, ``pipe:[...]``)."""
-    targets = []
-    base = f"/proc/{pid}/fd"
-    for fd in os.listdir(base):
-        try:
-            targets.append(os.readlink(f"{base}/{fd}"))
-        except OSError:  # closed meanwhile (e.g. the fd of os.listdir itself)
-            continue
-    return targets
-
-
-async def stop_master_within(master: Any, reactor: Any, timeout: float = 30.0) -> bool:
-    """`stop_master`, but give up after ``timeout`` seconds and still stop the database
-    threads (so that a test run whose master hangs can exit); True if it stopped cleanly."""
-    finished: defer.Deferred[Any] = defer.Deferred()
-    stopping = defer.ensureDeferred(stop_master(master))
-    stopping.addBoth(lambda result: None if finished.called else finished.callback(result))
-    timer = reactor.callLater(timeout, lambda: None if finished.called else finished.callback(False))
-    result = await finished
-    if timer.active():
-        timer.cancel()
-    if result is False:
-        await master.db.pool.stop()
-        compression = getattr(getattr(master.db, "logs", None), "_compression_pool", None)
-        if compression is not None:
-            compression.stop()
-        return False
-    return True

@@ -128,41 +128,41 @@ def _say(text: str) -> None:
 async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[str]) -> Figures:
     from buildbot.process.results import SUCCESS, statusToString
 
-    from buildbot_sshmux.demo import harness as testing
+    from buildbot_sshmux.demo import harness
 
     figures = Figures(hosts=len(hosts))
-    site = testing.Site(root, hosts)
-    config = testing.master_config(projects, hosts, site)
+    site = harness.Site(root, hosts)
+    config = harness.master_config(projects, hosts, site)
     _say(f"starting a Buildbot master in {site.master_basedir} ({len(projects)} projects)")
-    master = await testing.start_master(site.master_basedir, config, reactor)
-    launchers: list[testing.LauncherProcess] = []
+    master = await harness.start_master(site.master_basedir, config, reactor)
+    launchers: list[harness.LauncherProcess] = []
     try:
-        ssh_port, pb_port = testing.ssh_port(master), testing.pb_port(master)
-        figures.fds_baseline = testing.open_fds()
-        names = {h: [testing.worker_name(p, h) for p in projects] for h in hosts}
+        ssh_port, pb_port = harness.ssh_port(master), harness.pb_port(master)
+        figures.fds_baseline = harness.open_fds()
+        names = {h: [harness.worker_name(p, h) for p in projects] for h in hosts}
         all_names = {n for ns in names.values() for n in ns}
         figures.sessions = len(all_names)
         for host in hosts:
             cfg = site.launcher_config(host, ssh_port, pb_port, names[host])
-            launcher = testing.LauncherProcess(cfg)
+            launcher = harness.LauncherProcess(cfg)
             launcher.start()
             launchers.append(launcher)
         _say(f"started {len(hosts)} ssh-worker processes, {len(all_names)} worker sessions")
-        figures.attach_seconds = await testing.wait_until(
+        figures.attach_seconds = await harness.wait_until(
             reactor,
-            lambda: _check_alive(launchers) and testing.ready_workers(master) >= all_names,
+            lambda: _check_alive(launchers) and harness.ready_workers(master) >= all_names,
             90,
             "every worker session to attach",
         )
-        figures.ssh_connections = testing.sshmux_service(master).connection_count
-        figures.algorithms = _algorithms(testing.sshmux_service(master))
-        figures.tcp_on_ssh_port = testing.established_tcp(ssh_port)
-        figures.tcp_on_pb_port_ssh = testing.established_tcp(pb_port)
-        figures.fds_ssh = testing.open_fds()
+        figures.ssh_connections = harness.sshmux_service(master).connection_count
+        figures.algorithms = _algorithms(harness.sshmux_service(master))
+        figures.tcp_on_ssh_port = harness.established_tcp(ssh_port)
+        figures.tcp_on_pb_port_ssh = harness.established_tcp(pb_port)
+        figures.fds_ssh = harness.open_fds()
         _say(f"all {len(all_names)} sessions attached in {figures.attach_seconds:.1f}s; running builds")
         start = time.monotonic()
         requests = [(p, h) for p in projects for h in hosts]
-        results = await testing.run_builds(master, requests)
+        results = await harness.run_builds(master, requests)
         figures.build_seconds = time.monotonic() - start
         figures.total = len(results)
         figures.green = sum(1 for r in results if r == SUCCESS)
@@ -172,8 +172,8 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
         _say(f"{figures.green}/{figures.total} builds green in {figures.build_seconds:.1f}s")
         for launcher in launchers:
             launcher.stop()
-        await testing.wait_until(
-            reactor, lambda: not testing.attached_workers(master), 30, "workers to detach"
+        await harness.wait_until(
+            reactor, lambda: not harness.attached_workers(master), 30, "workers to detach"
         )
 
         _say(f"attaching the same {len(all_names)} workers over plain PB for comparison")
@@ -192,21 +192,21 @@ async def run_demo(reactor: Any, root: Path, projects: list[str], hosts: list[st
                 stderr=subprocess.STDOUT,
             )
         try:
-            await testing.wait_until(
-                reactor, lambda: testing.ready_workers(master) >= all_names, 90, "plain PB workers to attach"
+            await harness.wait_until(
+                reactor, lambda: harness.ready_workers(master) >= all_names, 90, "plain PB workers to attach"
             )
-            figures.fds_plain = testing.open_fds()
-            figures.tcp_on_pb_port_plain = testing.established_tcp(pb_port)
+            figures.fds_plain = harness.open_fds()
+            figures.tcp_on_pb_port_plain = harness.established_tcp(pb_port)
         finally:
             plain.terminate()
             plain.wait(15)
-        await testing.wait_until(
-            reactor, lambda: not testing.attached_workers(master), 30, "workers to detach"
+        await harness.wait_until(
+            reactor, lambda: not harness.attached_workers(master), 30, "workers to detach"
         )
     finally:
         for launcher in launchers:
             launcher.stop()
-        await testing.stop_master(master)
+        await harness.stop_master(master)
     return figures
 
 

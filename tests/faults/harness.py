@@ -18,6 +18,7 @@ from typing import Any
 from twisted.internet import defer, reactor
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 from tests.realmaster import RealMasterCase
 
 FIGURES: list[tuple[str, dict[str, Any]]] = []
@@ -42,7 +43,7 @@ def vm_rss_kib(pid: int | str = "self") -> int:
     raise RuntimeError("no VmRSS in /proc/status")
 
 
-class TimedLog(T.LogCapture):
+class TimedLog(S.LogCapture):
     """`LogCapture` that also keeps when (reactor time) each line was logged."""
 
     def __init__(self, path: Path) -> None:
@@ -121,7 +122,7 @@ class FaultCase(RealMasterCase):
         service_kwargs: dict[str, Any] | None = None,
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """`testing.master_config`, with these extra `SSHMuxService` arguments."""
+        """`T.master_config`, with these extra `SSHMuxService` arguments."""
         return T.master_config(projects, hosts, self.site, service=service_kwargs, **kwargs)
 
     async def start_master_config(self, config: dict[str, Any]) -> Any:

@@ -13,6 +13,7 @@ from buildbot.process.results import SUCCESS
 from twisted.internet import defer, reactor, task
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 
 from .harness import FaultCase, figures
 from .relay import FaultRelay
@@ -63,7 +64,7 @@ class BlackholeDetected(FaultCase):
         launcher_s = relay.first("launcher side closed", start) - start
         await self.wait_detached(names, timeout=10)
         detached_s = reactor.seconds() - start
-        fp = T.host_fingerprint(self.site, "hosta")
+        fp = S.host_fingerprint(self.site, "hosta")
         master_lines = self.log.matching_after(start, "host hosta (", fp, "no answer to", "keepalives")
         self.assertEqual(
             len(master_lines), 1, f"one log line for the master's keepalive loss: {master_lines}"

@@ -19,6 +19,7 @@ from buildbot.process.results import EXCEPTION, RETRY, SUCCESS, Results
 from twisted.internet import defer, reactor, task
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 
 from ..integration.relay import Relay
 from .harness import FaultCase, figures
@@ -94,7 +95,7 @@ class CutMidBuildTenTimes(FaultCase):
 
         interrupted, outcomes, checked_logs = 0, {}, 0
         for brid in all_brids:
-            made = await T.builds_of_request(master, brid)
+            made = await S.builds_of_request(master, brid)
             for build in made[:-1]:
                 # Every build but the last of a request was cut short, and Buildbot said so.
                 self.assertIn(
@@ -147,7 +148,7 @@ class CutMidBuildTenTimes(FaultCase):
             await task.deferLater(reactor, 0.2, lambda: None)
 
     async def assert_log_complete(self, build: dict[str, Any]) -> None:
-        lines = await T.build_stdout(self.master, build)
+        lines = await S.build_stdout(self.master, build)
         numbers, tail = lines[:LINES], lines[LINES:]
         expected = [str(n) for n in range(1, LINES + 1)]
         if numbers != expected:

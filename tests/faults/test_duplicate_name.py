@@ -13,6 +13,7 @@ from __future__ import annotations
 from twisted.internet import defer, reactor, task
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 
 from .harness import FaultCase, figures
 
@@ -76,7 +77,7 @@ class DuplicateNameRefused(FaultCase):
 
         # hosta goes away: hostb's session gets the name on one of its retries.
         stop_at = reactor.seconds()
-        await T.stop_launcher(reactor, launcher_a)
+        await S.stop_launcher(reactor, launcher_a)
         await self.wait_for(
             lambda: (
                 SHARED in T.attached_workers(master)

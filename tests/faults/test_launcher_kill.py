@@ -26,6 +26,7 @@ from buildbot.process.results import EXCEPTION, RETRY, SUCCESS, Results
 from twisted.internet import defer, reactor, task
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 
 from .harness import FaultCase, figures
 from .relay import FaultRelay
@@ -81,7 +82,7 @@ class LauncherKilled(FaultCase):
             relay.half_open = True
         killed_at = reactor.seconds()
         first.process.send_signal(signal.SIGKILL)
-        await T.wait_process_exit(reactor, first, 10)
+        await S.wait_process_exit(reactor, first, 10)
 
         freed_by_kill_s: Any = "-"
         if half_open:
@@ -118,7 +119,7 @@ class LauncherKilled(FaultCase):
         results = await T.buildrequest_results(master, brids)
         outcomes = []
         for brid in brids:
-            made = await T.builds_of_request(master, brid)
+            made = await S.builds_of_request(master, brid)
             outcomes.append("/".join(Results[b["results"]] for b in made))
             self.assertIn(made[0]["results"], (RETRY, EXCEPTION), f"the killed build ended {made[0]}")
         self.assertEqual(

@@ -21,6 +21,7 @@ from twisted.internet import defer, reactor
 
 from buildbot_sshmux.demo import harness as T
 from buildbot_sshmux.wire.keys import load_private_key
+from tests import support as S
 
 from .harness import FaultCase, figures
 from .relay import FaultRelay
@@ -73,7 +74,7 @@ class OperatorLogs(FaultCase):
         )
         own = [T.worker_name(p, "hosta") for p in projects]
         foreign = T.worker_name("alpha", "hostb")
-        fp_a, fp_z = T.host_fingerprint(self.site, "hosta"), T.host_fingerprint(self.site, "hostz")
+        fp_a, fp_z = S.host_fingerprint(self.site, "hosta"), S.host_fingerprint(self.site, "hostz")
         relay = FaultRelay(reactor, "127.0.0.1", T.ssh_port(master))
         await relay.start()
         self.addCleanup(lambda: defer.ensureDeferred(relay.stop()))
@@ -106,7 +107,7 @@ class OperatorLogs(FaultCase):
         await self.wait_ready(own)
         await self.assertBuildsGreen([(p, "hosta") for p in projects])
         for launcher in (launcher_a, launcher_z):
-            await T.stop_launcher(reactor, launcher)
+            await S.stop_launcher(reactor, launcher)
         await self.wait_for(
             lambda: not T.sshmux_service(master).connection_count, 10, "every host to disconnect"
         )

@@ -15,6 +15,7 @@ import shutil
 from twisted.internet import defer, reactor
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 
 from .harness import FaultCase, figures
 
@@ -62,7 +63,7 @@ class SharedKey(FaultCase):
 
         # The first stops: the second's next retry takes the host over.
         stopped = reactor.seconds()
-        await T.stop_launcher(reactor, first)
+        await S.stop_launcher(reactor, first)
         await self.wait_attached(names, timeout=90)
         takeover_s = reactor.seconds() - stopped
         self.assertNotEqual(self.connections(names), held)

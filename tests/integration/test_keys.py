@@ -33,6 +33,7 @@ from twisted.internet import defer, reactor
 from buildbot_sshmux.demo import harness as T
 from buildbot_sshmux.master.authorized_hosts import format_entry, remove_entries
 from buildbot_sshmux.wire.keys import fingerprint, generate, load_private_key, public_line, write_private_key
+from tests import support as S
 from tests.realmaster import RealMasterCase
 
 PROJECTS = ["proj-1", "proj-2"]
@@ -85,7 +86,7 @@ class KeysTestCase(RealMasterCase):
         return load_private_key(self.site.identities[host])
 
     def host_fp(self, host: str) -> str:
-        return T.host_fingerprint(self.site, host)
+        return S.host_fingerprint(self.site, host)
 
     def host_line(self, host: str, workers: str) -> str:
         """The authorized_hosts line of ``host`` for these comma-separated globs."""
@@ -107,7 +108,7 @@ class KeysTestCase(RealMasterCase):
         inline_hosts: Sequence[str] = (),
         **kwargs: Any,
     ) -> dict[str, Any]:
-        """testing.master_config, with other host keys or inline hosts= if given."""
+        """T.master_config, with other host keys or inline hosts= if given."""
         service: dict[str, Any] = {"hosts": list(inline_hosts)}
         if host_keys is not None:
             service["host_keys"] = [str(p) for p in host_keys]
@@ -132,7 +133,7 @@ class KeysTestCase(RealMasterCase):
     ) -> T.LauncherProcess:
         """Start ``ssh-worker run`` for ``host``.
 
-        The master's key is pinned as testing.Site does (its ed25519 key line),
+        The master's key is pinned as T.Site does (its ed25519 key line),
         or with ``pin`` (a key line or fingerprint), or by ``known_hosts`` (the
         text of a known_hosts file written next to the config).
         """

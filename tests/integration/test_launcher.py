@@ -24,6 +24,7 @@ from twisted.logger import formatEvent, globalLogPublisher
 from twisted.spread import pb
 
 from buildbot_sshmux.demo import harness as T
+from tests import support as S
 from tests.realmaster import RealMasterCase
 
 from .relay import Relay
@@ -51,7 +52,7 @@ class LauncherTestCase(RealMasterCase):
         return master
 
     async def stop_master(self, master: Any) -> None:
-        if not await T.stop_master_within(master, reactor, 30):
+        if not await S.stop_master_within(master, reactor, 30):
             self.fail(f"the master did not stop within 30s\n{self.diagnostics()}")
 
     def launch(
@@ -110,7 +111,7 @@ class FiftySessionsOneConnection(LauncherTestCase):
         snapshot: list[list[str]] = []
 
         def db_idle_snapshot() -> bool:
-            targets = T.open_fd_targets()
+            targets = S.open_fd_targets()
             if any("state.sqlite" in t for t in targets):
                 return False
             snapshot[:] = [targets]
@@ -130,8 +131,8 @@ class FiftySessionsOneConnection(LauncherTestCase):
         self.assertEqual(len(T.attached_workers(master) & set(names)), 50)
         # The master's side: one accepted SSH connection, nothing on the PB port.
         ssh_master_side = T.established_tcp(ssh_port)
-        ssh_launcher_side = T.established_tcp_to(ssh_port)
-        pb_connections = T.established_tcp(pb_port) + T.established_tcp_to(pb_port)
+        ssh_launcher_side = S.established_tcp_to(ssh_port)
+        pb_connections = T.established_tcp(pb_port) + S.established_tcp_to(pb_port)
         self.assertEqual(ssh_master_side, 1, self.diagnostics())
         self.assertEqual(ssh_launcher_side, 1, self.diagnostics())
         self.assertEqual(T.sshmux_service(master).connection_count, 1)
@@ -212,7 +213,7 @@ class CutConnectionMidBuild(LauncherTestCase):
         results = await T.buildrequest_results(master, brids)
         outcomes = []
         for project, brid, result in zip(projects, brids, results, strict=True):
-            builds = await T.builds_of_request(master, brid)
+            builds = await S.builds_of_request(master, brid)
             first = builds[0]["results"]
             outcomes.append((project, Results[first], len(builds), Results[result]))
             self.assertIn(first, (RETRY, EXCEPTION), f"{project}: the cut build ended {Results[first]}")
@@ -417,7 +418,7 @@ class UnauthorizedWorkerName(LauncherTestCase):
         launcher = self.launch("hosta", own + [foreign])
         await self.wait_attached(own)
 
-        fp = T.host_fingerprint(self.site, "hosta")
+        fp = S.host_fingerprint(self.site, "hosta")
         needles = ("host hosta", fp, repr(foreign), "login refused")
         # Refused, and refused again when the session retries.
         await self.wait_for(
@@ -473,7 +474,7 @@ class SigtermStopsCleanly(LauncherTestCase):
         launcher.process.send_signal(signal.SIGTERM)
         start = reactor.seconds()
         try:
-            code = await T.wait_process_exit(reactor, launcher, 10)
+            code = await S.wait_process_exit(reactor, launcher, 10)
         except TimeoutError:
             self.fail(f"the launcher did not exit within 10s of SIGTERM\n{self.diagnostics()}")
         exit_s = reactor.seconds() - start
@@ -497,7 +498,7 @@ class SigtermStopsCleanly(LauncherTestCase):
 
         # At the master the interrupted builds end as a lost worker's do.
         async def first_builds() -> list[dict[str, Any]]:
-            return [(await T.builds_of_request(master, brid))[0] for brid in brids]
+            return [(await S.builds_of_request(master, brid))[0] for brid in brids]
 
         ended: list[list[dict[str, Any]]] = []
 

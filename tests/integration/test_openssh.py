@@ -38,6 +38,7 @@ except ImportError:  # pragma: no cover
 
 from buildbot_sshmux.demo import harness as T
 from buildbot_sshmux.wire.keys import fingerprint, load_private_key
+from tests import support as S
 
 pytestmark = pytest.mark.openssh
 
@@ -425,8 +426,8 @@ class StockSSHClientTests(Base):
             worker = await self.attach_worker(master, local, cipher)
             [brid] = await T.force_builds(master, [(PROJECT, HOST)])
             self.assertEqual(await T.buildrequest_results(master, [brid]), [SUCCESS])
-            [build] = await T.builds_of_request(master, brid)
-            lines = await T.build_stdout(master, build)
+            [build] = await S.builds_of_request(master, brid)
+            lines = await S.build_stdout(master, build)
             self.assertEqual(lines, [f"{expected}  -"] + [str(n) for n in range(1, 40001)])
             self.assertGreaterEqual(transport.rekeys, 1, "the master started no key re-exchange")
             self.assertGreaterEqual(ssh.text.count("ssh_set_newkeys: rekeying out"), 2, ssh.text[-3000:])
