@@ -15,6 +15,19 @@
 
 Several masters: write ``[[master]]`` tables with a ``name`` each, and give
 every worker ``master = "NAME"``.
+
+A cluster of masters (Buildbot's multi-master: one database, one message
+queue) is one table, with every key of ``[master]`` but ``address``, shared::
+
+    [cluster]
+    name = "gnome"                                 # optional
+    masters = ["m1.example.org", "m2.example.org", { address = "m3.example.org", weight = 2 }]
+    known_hosts = "known_hosts"
+    identity = "id_ed25519"
+
+Each worker session is attached to one of them at a time: the first reachable
+master in its own order (rendezvous hashing of its name), so a restart of the
+launcher places every session where it was.
 """
 
 from __future__ import annotations
@@ -41,6 +54,8 @@ MASTER_KEYS = {
     "pb_port", "username", *fields_dict(Liveness),
 }  # fmt: skip
 WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
+CLUSTER_KEYS = (MASTER_KEYS - {"address"}) | {"masters"}
+MEMBER_KEYS = {"address", "weight", "pb_port"}  # what a [cluster] masters entry may set for itself
 
 
 def _default(cls: type, key: str) -> Any:
@@ -70,6 +85,14 @@ class MasterConfig:
     pb_port: int = defaults.PB_PORT
     username: str = defaults.SSH_USERNAME
     liveness: Liveness = Liveness()
+    cluster: str | None = None  # the [cluster] this master is one of
+    weight: float = 1.0  # its share of the cluster's sessions
+
+
+@frozen
+class ClusterConfig:
+    name: str
+    masters: tuple[str, ...]  # MasterConfig names, which are their addresses
 
 
 @frozen
@@ -77,6 +100,7 @@ class LauncherConfig:
     path: Path
     masters: tuple[MasterConfig, ...]
     workers: tuple[WorkerConfig, ...]
+    clusters: tuple[ClusterConfig, ...] = ()
 
 
 def _fail(path: Path, where: str, message: str) -> ConfigError:
@@ -100,8 +124,8 @@ def _line_of(path: Path, where: str) -> int | None:
             return None
         header = next((i for i in range(at, -1, -1) if lines[i].strip().startswith("[")), at)
         return header + 1
-    if where == "[master]":
-        pattern, nth = re.compile(r"\s*\[master\]"), 1
+    if where in ("[master]", "[cluster]"):
+        pattern, nth = re.compile(rf"\s*\[{where[1:-1]}\]"), 1
     elif numbered:
         pattern, nth = re.compile(rf"\s*\[\[{numbered[1]}\]\]"), int(numbered[2])
     else:
@@ -139,11 +163,11 @@ def _split_address(path: Path, where: str, address: Any) -> tuple[str, int]:
         raise _fail(path, where, f'address must be "HOST:PORT": {e}') from None
 
 
-def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
-    where = "[master]" if single else f"[[master]] #{index + 1}"
+def _master(path: Path, index: int, table: Any, single: bool, where: str = "") -> MasterConfig:
+    where = where or ("[master]" if single else f"[[master]] #{index + 1}")
     if not isinstance(table, dict):
         raise _fail(path, where, "must be a table")
-    unknown = sorted(set(table) - MASTER_KEYS)
+    unknown = sorted(set(table) - MASTER_KEYS - ({"cluster", "weight"} if where == "[cluster]" else set()))
     if unknown:
         raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(MASTER_KEYS))})")
     host, port = _split_address(path, where, table.get("address"))
@@ -181,10 +205,41 @@ def _master(path: Path, index: int, table: Any, single: bool) -> MasterConfig:
         liveness=Liveness(
             **{key: _int(path, where, table, key, _default(Liveness, key)) for key in LIVENESS_KEYS}
         ),
+        cluster=table.get("cluster"),
+        weight=table.get("weight", 1.0),
     )
 
 
-def _worker(path: Path, index: int, table: Any, masters: dict[str, MasterConfig]) -> WorkerConfig:
+def _cluster(path: Path, table: Any) -> tuple[ClusterConfig, list[MasterConfig]]:
+    """The [cluster] table: one MasterConfig per member, sharing every other key."""
+    where = "[cluster]"
+    if not isinstance(table, dict):
+        raise _fail(path, where, "must be a table (one [cluster] per config)")
+    unknown = sorted(set(table) - CLUSTER_KEYS)
+    if unknown:
+        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(CLUSTER_KEYS))})")
+    members = table.get("masters")
+    if not isinstance(members, list) or not members:
+        raise _fail(
+            path, where, 'masters must be a list of "HOST[:PORT]" (or { address = ..., weight = ... })'
+        )
+    name = _str(path, where, table, "name") or "cluster"
+    shared = {k: v for k, v in table.items() if k not in ("masters", "name")}
+    masters = []
+    for member in members:
+        entry = {"address": member} if isinstance(member, str) else member
+        if not isinstance(entry, dict) or set(entry) - MEMBER_KEYS or "address" not in entry:
+            raise _fail(path, where, f'{member!r} in masters is not "HOST[:PORT]" or {{ address = ... }}')
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or weight <= 0:
+            raise _fail(path, where, f"the weight of {entry['address']} must be a number > 0, not {weight!r}")
+        host, port = _split_address(path, where, entry["address"])
+        merged = {**shared, **entry, "name": f"{host}:{port}", "cluster": name, "weight": weight}
+        masters.append(_master(path, 0, merged, True, where))
+    return ClusterConfig(name=name, masters=tuple(m.name for m in masters)), masters
+
+
+def _worker(path: Path, index: int, table: Any, targets: list[str]) -> WorkerConfig:
     where = f"[[worker]] #{index + 1}"
     if not isinstance(table, dict):
         raise _fail(path, where, "must be a table")
@@ -211,10 +266,12 @@ def _worker(path: Path, index: int, table: Any, masters: dict[str, MasterConfig]
         raise _fail(path, where, "password or password_file is missing")
     if "master" in table:
         master = str(table["master"])
-        if master not in masters:
-            raise _fail(path, where, f"master {master!r} is not a [[master]] name ({', '.join(masters)})")
-    elif len(masters) == 1:
-        master = next(iter(masters))
+        if master not in targets:
+            raise _fail(
+                path, where, f"master {master!r} is not a [[master]] or [cluster] name ({', '.join(targets)})"
+            )
+    elif len(targets) == 1:
+        master = targets[0]
     else:
         raise _fail(path, where, 'several masters are configured: say which one with master = "NAME"')
     basedir = path.parent / str(table.get("basedir", f"workers/{name}"))
@@ -237,22 +294,31 @@ def load(path: str | Path) -> LauncherConfig:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"master", "worker"})
+    unknown = sorted(set(data) - {"master", "cluster", "worker"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section [{unknown[0]}] (known: [master], [[worker]])")
-    raw = data.get("master")
-    if raw is None:
-        raise ConfigError(f"{path}: no [master] section")
+        raise ConfigError(f"{path}: unknown section [{unknown[0]}] (known: [master], [cluster], [[worker]])")
+    raw = data.get("master", [])
+    if not raw and "cluster" not in data:
+        raise ConfigError(f"{path}: no [master] or [cluster] section")
     single = isinstance(raw, dict)
     masters_list = [_master(path, i, t, single) for i, t in enumerate([raw] if single else raw)]
+    targets = [m.name for m in masters_list]
+    clusters = []
+    if "cluster" in data:
+        cluster, members = _cluster(path, data["cluster"])
+        clusters.append(cluster)
+        masters_list += members
+        targets.append(cluster.name)
     masters = {m.name: m for m in masters_list}
-    if len(masters) != len(masters_list):
-        raise ConfigError(f"{path}: two [[master]] tables have the same name")
-    workers = [_worker(path, i, t, masters) for i, t in enumerate(data.get("worker", []))]
+    if len(masters) != len(masters_list) or len(set(targets)) != len(targets):
+        raise ConfigError(f"{path}: two masters (or a master and the cluster) have the same name or address")
+    workers = [_worker(path, i, t, targets) for i, t in enumerate(data.get("worker", []))]
     if not workers:
         raise ConfigError(f"{path}: no [[worker]] tables: nothing to run")
     names = [w.name for w in workers]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
         raise ConfigError(f"{path}: worker {duplicates[0]!r} is listed twice")
-    return LauncherConfig(path=path, masters=tuple(masters_list), workers=tuple(workers))
+    return LauncherConfig(
+        path=path, masters=tuple(masters_list), workers=tuple(workers), clusters=tuple(clusters)
+    )

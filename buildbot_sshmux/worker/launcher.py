@@ -12,6 +12,7 @@ from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.wire.keys import load_private_key
 from buildbot_sshmux.worker.config import LauncherConfig, MasterConfig
 from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
+from buildbot_sshmux.worker.placement import ClusterEndpoint
 from buildbot_sshmux.worker.session import WorkerSession
 
 PASSPHRASE_ENV = "SSH_WORKER_PASSPHRASE"
@@ -31,6 +32,10 @@ def _passphrase(master: MasterConfig) -> bytes | None:
 
 class Launcher(service.MultiService):
     """One `MasterLink` per master and one `WorkerSession` per worker.
+
+    A worker of a ``[cluster]`` reaches it through a `ClusterEndpoint`: when
+    its master's connection is lost, its session's next login (about half a
+    second later) goes to the next master of its own order that is up.
 
     Children stop in reverse order: sessions close their channels before the
     links close their connections.
@@ -63,8 +68,16 @@ class Launcher(service.MultiService):
             link.setServiceParent(self)
             self.links[master.name] = link
         pb_ports = {m.name: m.pb_port for m in config.masters}
+        weights = {m.name: m.weight for m in config.masters}
+        clusters = {
+            c.name: [(self.links[m], weights[m], pb_ports[m]) for m in c.masters] for c in config.clusters
+        }
         for worker in config.workers:
-            endpoint = ChannelEndpoint(self.links[worker.master], pb_ports[worker.master], worker.name)
+            endpoint: Any
+            if worker.master in clusters:
+                endpoint = ClusterEndpoint(clusters[worker.master], worker.name)
+            else:
+                endpoint = ChannelEndpoint(self.links[worker.master], pb_ports[worker.master], worker.name)
             session = WorkerSession(
                 worker.name,
                 worker.password,

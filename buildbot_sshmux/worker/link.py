@@ -306,6 +306,19 @@ class MasterLink(service.Service):
         self._dialing: defer.Deferred[Any] | None = None
         self._retry_call: Any = None
         self._on_transport_lost: Callable[[], Any] | None = None
+        self.tried = False  # its first dial has ended (connected, refused, failed) or was slow
+        self._grace_call: Any = None
+        self.observers: list[Callable[[MasterLink], None]] = []  # told when it comes up or fails
+
+    first_dial_grace = 5.0
+    """Seconds a cluster's sessions wait for this master's first dial before taking another."""
+
+    def _changed(self) -> None:
+        self.tried = True
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
+        for observer in self.observers[:]:
+            observer(self)
 
     @property
     def address(self) -> str:
@@ -313,10 +326,13 @@ class MasterLink(service.Service):
 
     def startService(self) -> None:
         super().startService()
+        self._grace_call = self.reactor.callLater(self.first_dial_grace, self._changed)
         self._dial()
 
     def stopService(self) -> defer.Deferred[None]:
         super().stopService()
+        if self._grace_call is not None and self._grace_call.active():
+            self._grace_call.cancel()
         if self._retry_call is not None and self._retry_call.active():
             self._retry_call.cancel()
         self._retry_call = None
@@ -370,6 +386,7 @@ class MasterLink(service.Service):
                 error=reason.getErrorMessage(),
             )
             self._schedule_redial()
+            self._changed()
 
         self._dialing.addCallbacks(connected, failed)
 
@@ -402,6 +419,7 @@ class MasterLink(service.Service):
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(connection)
+        self._changed()
 
     def connection_lost(self, connection: MuxClientConnection) -> None:
         if self.connection is connection:
@@ -421,6 +439,7 @@ class MasterLink(service.Service):
             log.warn("lost connection to master {master}", master=self.address)
         self.master_stopping = False
         self._schedule_redial()
+        self._changed()
 
 
 class _ClientChannel(ProtocolChannel):

@@ -174,7 +174,7 @@ class LauncherConfigTests(TestCase):
             name = "w"
             password = "p"
             """,
-            "no [master] section",
+            "no [master] or [cluster] section",
         )
 
     def test_unknown_top_level_section(self) -> None:

@@ -1,0 +1,103 @@
+"""Which master of a cluster each worker session attaches to.
+
+Every session ranks the cluster's masters by weighted rendezvous hashing of
+(worker name, master name) and attaches to the first one whose connection is
+up.  The ranking depends on nothing but the names and weights, so a
+restarted launcher places every session where it was, and losing one master
+moves only that master's sessions, spread over the others in proportion to
+their weights.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from buildbot_sshmux.worker.link import ChannelEndpoint, MasterLink
+
+log = Logger()
+
+
+def rendezvous_score(worker: str, master: str, weight: float = 1.0) -> float:
+    """The weighted rendezvous score of ``master`` for ``worker`` (highest wins)."""
+    digest = hashlib.sha256(f"{worker}\0{master}".encode()).digest()
+    unit = (int.from_bytes(digest[:8], "big") + 1) / (2**64 + 1)  # in (0, 1)
+    return -weight / math.log(unit)
+
+
+def rank(worker: str, masters: Sequence[tuple[str, float]]) -> list[str]:
+    """``masters`` (name, weight) ordered as ``worker`` prefers them."""
+    return [name for name, weight in sorted(masters, key=lambda m: -rendezvous_score(worker, *m))]
+
+
+@implementer(IStreamClientEndpoint)
+class ClusterEndpoint:
+    """A worker session's way to a cluster: a channel on the connection to
+    the first master, in the session's own order, that is up now; if none is,
+    on the first that comes up."""
+
+    def __init__(self, links: Sequence[tuple[MasterLink, float, int]], worker: str) -> None:
+        by_name = {link.address: (link, pb_port) for link, _weight, pb_port in links}
+        self.worker = worker
+        self.order = [by_name[name] for name in rank(worker, [(l.address, w) for l, w, _ in links])]
+        self.current: MasterLink | None = None  # the master of the last channel opened
+
+    def preferred(self) -> MasterLink | None:
+        """The master this session belongs on now: its first one that is up."""
+        return next((link for link, _port in self.order if link.connection is not None), None)
+
+    def choice(self) -> MasterLink | None:
+        """Where to attach now: the first master that is up, unless one before
+        it is still on its first dial (at start, so that every session lands
+        on its own first master, not on whichever answered first); None: wait."""
+        for link, _port in self.order:
+            if link.connection is not None:
+                return link
+            if not link.tried:
+                return None
+        return None
+
+    def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        link = self.choice()
+        if link is not None:
+            return self._open(link, protocolFactory)
+        links = [link for link, _port in self.order]
+
+        def cancel(_: Any) -> None:
+            for link in links:
+                if changed in link.observers:
+                    link.observers.remove(changed)
+
+        result: defer.Deferred[Any] = defer.Deferred(cancel)
+
+        def changed(_link: MasterLink) -> None:
+            link = self.choice()
+            if link is None or result.called:
+                return
+            cancel(None)
+            self._open(link, protocolFactory).chainDeferred(result)
+
+        for link in links:
+            link.observers.append(changed)
+        return result
+
+    def _open(self, link: MasterLink, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
+        pb_port = next(port for candidate, port in self.order if candidate is link)
+        if self.current is not None and self.current is not link:
+            first = self.order[0][0]
+            log.info(
+                "worker {worker}: moving from master {old} to {new}{why}",
+                worker=self.worker,
+                old=self.current.address,
+                new=link.address,
+                why="" if link is first else f" (its first master, {first.address}, is down)",
+            )
+        self.current = link
+        return ChannelEndpoint(link, pb_port, self.worker).connect(protocolFactory)

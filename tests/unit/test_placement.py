@@ -1,0 +1,116 @@
+"""Cluster placement: rendezvous ranking, and the ``[cluster]`` table of the launcher config."""
+
+from __future__ import annotations
+
+import textwrap
+from collections import Counter
+
+from twisted.trial.unittest import TestCase
+
+from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.worker import config as launcher_config
+from buildbot_sshmux.worker.placement import rank
+
+from .tmpdirs import scratch_dir
+
+MASTERS = [("m1:2222", 1.0), ("m2:2222", 1.0), ("m3:2222", 1.0)]
+WORKERS = [f"project{i}-debian-sid" for i in range(200)]
+
+
+def first_choices(masters: list[tuple[str, float]]) -> Counter[str]:
+    return Counter(rank(w, masters)[0] for w in WORKERS)
+
+
+class RankTests(TestCase):
+    def test_the_order_depends_only_on_the_names(self) -> None:
+        self.assertEqual([rank(w, MASTERS) for w in WORKERS], [rank(w, MASTERS[::-1]) for w in WORKERS])
+        self.assertEqual(sorted(rank("w", MASTERS)), sorted(m for m, _ in MASTERS))
+
+    def test_200_sessions_spread_within_10_percent_of_even_over_3_masters(self) -> None:
+        counts = first_choices(MASTERS)
+        even = len(WORKERS) / len(MASTERS)
+        for master, n in counts.items():
+            self.assertLessEqual(abs(n - even), 0.1 * even, (master, counts))
+
+    def test_losing_a_master_moves_only_its_sessions(self) -> None:
+        before = {w: rank(w, MASTERS)[0] for w in WORKERS}
+        survivors = [m for m in MASTERS if m[0] != "m2:2222"]
+        after = {w: rank(w, survivors)[0] for w in WORKERS}
+        moved = {w for w in WORKERS if before[w] != after[w]}
+        self.assertEqual(moved, {w for w in WORKERS if before[w] == "m2:2222"})
+        # and they spread over both survivors, not onto one
+        self.assertEqual(set(after[w] for w in moved), {"m1:2222", "m3:2222"})
+
+    def test_weights_share_sessions_in_proportion(self) -> None:
+        weighted = [("m1:2222", 1.0), ("m2:2222", 3.0)]
+        counts = Counter(rank(f"w{i}", weighted)[0] for i in range(4000))
+        self.assertLess(abs(counts["m2:2222"] / 4000 - 0.75), 0.03, counts)
+
+
+CLUSTER = """
+[cluster]
+name = "gnome"
+masters = ["m1.example.org", "m2.example.org:2200", { address = "m3.example.org", weight = 2, pb_port = 9991 }]
+host_key = "SHA256:47DEQpj8HBSa+/TImW+5JCeuQeRkm5NMpJWZG3hSuFU"
+identity = "id_ed25519"
+keepalive_interval = 10
+
+[[worker]]
+name = "libxml2-debian-sid"
+password = "s3cret"
+"""
+
+
+class ClusterConfigTests(TestCase):
+    def setUp(self) -> None:
+        self.path = scratch_dir(self) / "ssh-worker.toml"
+
+    def load(self, text: str) -> launcher_config.LauncherConfig:
+        self.path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return launcher_config.load(self.path)
+
+    def error(self, text: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(text)
+        return str(caught.exception)
+
+    def test_one_table_makes_a_master_per_member_sharing_the_other_keys(self) -> None:
+        config = self.load(CLUSTER)
+        [cluster] = config.clusters
+        self.assertEqual(cluster.name, "gnome")
+        self.assertEqual(
+            cluster.masters, ("m1.example.org:2222", "m2.example.org:2200", "m3.example.org:2222")
+        )
+        m1, m2, m3 = config.masters
+        self.assertEqual((m2.host, m2.port, m2.cluster), ("m2.example.org", 2200, "gnome"))
+        self.assertEqual((m1.weight, m3.weight), (1, 2))
+        self.assertEqual((m1.pb_port, m3.pb_port), (9989, 9991))
+        self.assertEqual({m.liveness.keepalive_interval for m in config.masters}, {10})
+        self.assertEqual({m.identity for m in config.masters}, {self.path.parent / "id_ed25519"})
+        [worker] = config.workers
+        self.assertEqual(worker.master, "gnome")  # the only target: no master = needed
+
+    def test_a_cluster_and_a_named_master_may_be_mixed(self) -> None:
+        text = CLUSTER.replace("[[worker]]", '[[master]]\nname = "solo"\naddress = "solo.example.org"\n'
+                               'host_key = "SHA256:x"\nidentity = "id"\n\n[[worker]]', 1)  # fmt: skip
+        self.assertIn('say which one with master = "NAME"', self.error(text))
+        config = self.load(text.replace('password = "s3cret"', 'password = "s3cret"\nmaster = "solo"'))
+        self.assertEqual(config.workers[0].master, "solo")
+
+    def test_bad_members_and_weights_name_the_line_and_the_fault(self) -> None:
+        bad = {
+            "masters = []": "masters must be a list",
+            'masters = ["m1:0"]': "the port must be a number",
+            'masters = [{ address = "m1", weight = 0 }]': "the weight of m1 must be a number > 0",
+            'masters = [{ address = "m1", colour = "red" }]': 'is not "HOST[:PORT]" or { address = ... }',
+            'masters = ["m1", "m1:2222"]': "the same name or address",
+        }
+        for line, fragment in bad.items():
+            text = CLUSTER.replace(CLUSTER.splitlines()[3], line)
+            message = self.error(text)
+            self.assertIn(fragment, message, line)
+            if "same name" not in fragment:
+                self.assertIn(f"{self.path}:2: [cluster]", message, line)
+
+    def test_a_cluster_key_of_master_alone_is_refused(self) -> None:
+        self.assertIn("unknown key 'address'", self.error(CLUSTER.replace('name = "gnome"', 'address = "m"')))
