@@ -169,7 +169,10 @@ async def start_master(basedir: Path, config: dict[str, Any], reactor: Any) -> A
 
     basedir.mkdir(parents=True, exist_ok=True)
     master = BuildMaster(str(basedir), reactor=reactor, config_loader=DictLoader(config))
-    master.config.db.db_url = config["db_url"]
+    if isinstance(master.config.db, dict):  # Buildbot 4.2; a DBConfig from 4.3 on
+        master.config.db["db_url"] = config["db_url"]
+    else:
+        master.config.db.db_url = config["db_url"]
     cwd = os.getcwd()
     os.chdir(basedir)  # sqlite:///state.sqlite is relative to the basedir
     try:
