@@ -51,7 +51,7 @@ from buildbot_sshmux.master.limits import (
 from buildbot_sshmux.master.pbinput import PBChannel, PBInputLimits
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.wire.keys import fingerprint
-from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness
+from buildbot_sshmux.wire.liveness import DRAINING_REQUEST, KEEPALIVE_REQUEST, Keepalive, Liveness
 from buildbot_sshmux.wire.peerlog import PeerLogs, quote
 from buildbot_sshmux.wire.transport import (
     MAX_PACKET_LENGTH,
@@ -483,6 +483,12 @@ class MuxServerConnection(FlowControlledConnection):
         log.info("{who} connected", who=avatar.describe())
         self.keepalive = Keepalive(self, factory.reactor, factory.liveness, avatar.describe)
         self.keepalive.start()
+        if factory.draining:
+            self.announce_draining()
+
+    def announce_draining(self) -> None:
+        """Tell the host this master is about to stop (a launcher moves its sessions)."""
+        self.sendGlobalRequest(DRAINING_REQUEST, b"", wantReply=0)
 
     def serviceStopped(self) -> None:
         self.keepalive.stop()
@@ -795,6 +801,7 @@ class SSHMuxFactory(factory.SSHFactory):
         self.startup_gate = StartupGate(*limits.max_startups)
         self.entries = entries
         self.connections: set[MuxServerTransport] = set()
+        self.draining = False  # the master is stopping once its builds end
         self.peer_logs = PeerLogs(log, reactor)
         self.drop_logs = PeerLogs(log, reactor)
         self.realm = HostRealm(self)
@@ -808,6 +815,19 @@ class SSHMuxFactory(factory.SSHFactory):
 
     def getPrimes(self) -> None:
         return None
+
+    def announce_draining(self) -> None:
+        """The master is stopping once its builds end: tell every host (and every host that logs in from now)."""
+        if self.draining:
+            return
+        self.draining = True
+        services = [c.service for c in self.connections if isinstance(c.service, MuxServerConnection)]
+        log.info(
+            "the master is stopping once its builds end: telling {n} worker hosts to move their sessions",
+            n=len(services),
+        )
+        for connection in services:
+            connection.announce_draining()
 
     def disconnect_all(self) -> None:
         """The master stops: tell every host so (its launcher logs it as planned), in one line."""

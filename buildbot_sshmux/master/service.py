@@ -264,9 +264,16 @@ class SSHMuxService(service.BuildbotService):
         yield super().startService()
         if self.listening_port is None and self.factory is not None:
             yield self._start_listening(self._port)
-        self._watch = task.LoopingCall(self._check_hosts_file)
+        self._watch = task.LoopingCall(self._watch_files_and_shutdown)
         self._watch.clock = self.master.reactor
         self._watch.start(self.reload_interval, now=False)
+
+    def _watch_files_and_shutdown(self) -> None:
+        self._check_hosts_file()
+        # A clean shutdown (`buildbot stop --clean`, SIGUSR1) runs builds to
+        # their end first: the hosts move their sessions meanwhile.
+        if getattr(self.master.botmaster, "shuttingDown", False) and self.factory is not None:
+            self.factory.announce_draining()
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:

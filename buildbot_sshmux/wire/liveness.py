@@ -26,6 +26,9 @@ from twisted.python.failure import Failure
 log = Logger()
 
 KEEPALIVE_REQUEST = b"keepalive@openssh.com"
+DRAINING_REQUEST = b"draining@buildbot-sshmux"
+"""A master's notice (no reply wanted) that it is about to stop: a launcher
+moves its sessions away as their builds end.  Other peers ignore it."""
 GiB = 1024**3
 
 

@@ -12,7 +12,7 @@ from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.wire.keys import load_private_key
 from buildbot_sshmux.worker.config import LauncherConfig, MasterConfig
 from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
-from buildbot_sshmux.worker.placement import ClusterEndpoint
+from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer
 from buildbot_sshmux.worker.session import WorkerSession
 
 PASSPHRASE_ENV = "SSH_WORKER_PASSPHRASE"
@@ -72,6 +72,7 @@ class Launcher(service.MultiService):
         clusters = {
             c.name: [(self.links[m], weights[m], pb_ports[m]) for m in c.masters] for c in config.clusters
         }
+        placed: list[tuple[WorkerSession, ClusterEndpoint]] = []
         for worker in config.workers:
             endpoint: Any
             if worker.master in clusters:
@@ -89,6 +90,10 @@ class Launcher(service.MultiService):
             )
             session.setServiceParent(self)
             self.sessions[worker.name] = session
+            if isinstance(endpoint, ClusterEndpoint):
+                placed.append((session, endpoint))
+        if placed:
+            Rebalancer(placed, reactor).setServiceParent(self)
 
     def attached_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.attached)

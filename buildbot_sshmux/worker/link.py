@@ -28,7 +28,7 @@ from zope.interface import implementer
 from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.wire.keys import fingerprint, parse_public_line
-from buildbot_sshmux.wire.liveness import KEEPALIVE_REQUEST, Keepalive, Liveness
+from buildbot_sshmux.wire.liveness import DRAINING_REQUEST, KEEPALIVE_REQUEST, Keepalive, Liveness
 from buildbot_sshmux.wire.peerlog import quote
 from buildbot_sshmux.wire.transport import (
     SHUTDOWN_REASON,
@@ -175,6 +175,9 @@ class MuxClientConnection(FlowControlledConnection):
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
         if requestType == KEEPALIVE_REQUEST:
             return 1
+        if requestType == DRAINING_REQUEST:
+            self.link.master_draining()
+            return 1
         log.warn(
             "refused global request {request!r} from master {master}",
             request=requestType.decode("ascii", "replace"),
@@ -298,6 +301,7 @@ class MasterLink(service.Service):
         self.connection: MuxClientConnection | None = None
         self.refused = False
         self.master_stopping = False  # the master said it is shutting down
+        self.draining = False  # the master said it will stop: take no session there
         self.mismatched_types: set[bytes] = set()
         self.dials = 0
         self._attempt = 0
@@ -407,7 +411,16 @@ class MasterLink(service.Service):
         self._retry_call = None
         self._dial()
 
+    def master_draining(self) -> None:
+        """The master said it will stop soon (DRAINING_REQUEST)."""
+        if not self.draining:
+            self.draining = True
+            log.info("master {master} is about to stop: its sessions move as their builds end",
+                     master=self.address)  # fmt: skip
+            self._changed()
+
     def connection_ready(self, connection: MuxClientConnection) -> None:
+        self.draining = False
         self.connection = connection
         self._attempt = 0
         self.mismatched_types.clear()
@@ -433,6 +446,7 @@ class MasterLink(service.Service):
         if self._on_transport_lost is not None:
             self._on_transport_lost()
             return
+        self.draining = False
         if self.master_stopping:  # it said so: not a fault
             log.info("disconnected from master {master}", master=self.address)
         else:

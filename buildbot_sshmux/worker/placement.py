@@ -15,12 +15,14 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
-from twisted.internet import defer
+from twisted.application import service
+from twisted.internet import defer, task
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from buildbot_sshmux.worker.link import ChannelEndpoint, MasterLink
+from buildbot_sshmux.worker.session import WorkerSession
 
 log = Logger()
 
@@ -37,6 +39,10 @@ def rank(worker: str, masters: Sequence[tuple[str, float]]) -> list[str]:
     return [name for name, weight in sorted(masters, key=lambda m: -rendezvous_score(worker, *m))]
 
 
+def _usable(link: MasterLink) -> bool:
+    return link.connection is not None and not link.draining
+
+
 @implementer(IStreamClientEndpoint)
 class ClusterEndpoint:
     """A worker session's way to a cluster: a channel on the connection to
@@ -50,15 +56,15 @@ class ClusterEndpoint:
         self.current: MasterLink | None = None  # the master of the last channel opened
 
     def preferred(self) -> MasterLink | None:
-        """The master this session belongs on now: its first one that is up."""
-        return next((link for link, _port in self.order if link.connection is not None), None)
+        """The master this session belongs on now: its first one that is up (and not stopping)."""
+        return next((link for link, _port in self.order if _usable(link)), None)
 
     def choice(self) -> MasterLink | None:
         """Where to attach now: the first master that is up, unless one before
         it is still on its first dial (at start, so that every session lands
         on its own first master, not on whichever answered first); None: wait."""
         for link, _port in self.order:
-            if link.connection is not None:
+            if _usable(link):
                 return link
             if not link.tried:
                 return None
@@ -101,3 +107,45 @@ class ClusterEndpoint:
             )
         self.current = link
         return ChannelEndpoint(link, pb_port, self.worker).connect(protocolFactory)
+
+
+class Rebalancer(service.Service):
+    """Moves a cluster's sessions to where they belong, never interrupting a build.
+
+    Every ``interval`` seconds: each session on a master that is about to
+    stop moves (Buildbot lets it go once its build ends), and sessions away
+    from their first master that is up go back to it, idle ones only and at
+    most ``max_moving`` at a time, so a master that returns does not face
+    every login at once.
+    """
+
+    interval = 1.0
+    max_moving = 10
+
+    def __init__(self, sessions: Sequence[tuple[WorkerSession, ClusterEndpoint]], clock: Any) -> None:
+        self.sessions = list(sessions)
+        self.clock = clock
+        self._loop: task.LoopingCall | None = None
+
+    def startService(self) -> None:
+        super().startService()
+        self._loop = task.LoopingCall(self.rebalance)
+        self._loop.clock = self.clock
+        self._loop.start(self.interval, now=False)
+
+    def stopService(self) -> Any:
+        if self._loop is not None and self._loop.running:
+            self._loop.stop()
+        return super().stopService()
+
+    def rebalance(self) -> None:
+        budget = self.max_moving - sum(1 for s, _ in self.sessions if s.moving)
+        for session, endpoint in self.sessions:
+            current = endpoint.current
+            if session.moving or not session.attached or current is None:
+                continue
+            if current.draining:
+                session.move()
+            elif budget > 0 and not session.busy and endpoint.preferred() not in (None, current):
+                budget -= 1
+                session.move()

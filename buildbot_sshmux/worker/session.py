@@ -80,6 +80,7 @@ class SessionBotFactory(BotFactory):
 
     def gotPerspective(self, perspective: Any) -> None:
         self.failed_logins = 0
+        self.session.moving = False  # a move ends with a login (wherever it lands)
         log.info("worker {worker}: attached to the master", worker=self.session.name)
         super().gotPerspective(perspective)
 
@@ -128,6 +129,7 @@ class WorkerSession(WorkerBase):
             self.bot.numcpus = numcpus
         self.retry_delay = retry_delay or backoff(initial=0.5, maximum=30.0)
         self.stopped_by_master = False
+        self.moving = False  # asked its master to let it go, to log in elsewhere
         self._clock = reactor
         self.bot.stop_session = self._master_asked_shutdown
         encoding = self.bot.unicode_encoding
@@ -155,7 +157,39 @@ class WorkerSession(WorkerBase):
         """Whether this session is logged in to the master now."""
         return self.bf.perspective is not None and not self.bf.perspective.broker.disconnected
 
+    @property
+    def busy(self) -> bool:
+        """Whether a command of a build is running on this session now."""
+        return bool(getattr(self.bot, "protocol_commands", None))
+
+    def move(self) -> None:
+        """Leave this master once its builds on this session have ended, and log
+        in again wherever the endpoint then leads (another master of a cluster).
+
+        This is Buildbot's own graceful worker shutdown: the master starts no
+        new build on the worker and, once none runs, asks it to shut down.
+        """
+        if self.moving or not self.attached:
+            return
+        self.moving = True
+
+        def refused(failure: Any) -> None:
+            self.moving = False
+            log.warn("worker {worker}: the master refused to let it move ({error})", worker=self.name,
+                     error=failure.getErrorMessage())  # fmt: skip
+
+        self.bf.perspective.callRemote("shutdown").addErrback(refused)
+
     def _master_asked_shutdown(self) -> None:
+        if self.moving:
+            # Released (Buildbot's answer to move()): drop the channel a moment
+            # later, as stock buildbot-worker does, so that the answer gets out;
+            # ClientService then logs in again, through the endpoint.
+            self.moving = False
+            broker = self.bf.perspective.broker if self.bf.perspective is not None else None
+            if broker is not None:
+                self._clock.callLater(0.2, broker.transport.loseConnection)
+            return
         # Stock buildbot-worker stops the reactor, and so every other session.
         log.info(
             "worker {worker}: the master asked this worker to shut down; stopping this session only",

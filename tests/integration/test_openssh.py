@@ -344,6 +344,11 @@ class StockSSHClientTests(Base):
             [s for s in tcp_sockets() if s[4] == "01" and pb_port in (s[1], s[3])],
             "a TCP connection reached the PB port",
         )
+        # A master's draining notice is ours: stock ssh ignores it (no reply is
+        # wanted), stays connected, and the worker behind it keeps building.
+        sshmux.factory.announce_draining()
+        self.assertEqual(await T.run_builds(master, [(PROJECT, HOST)]), [SUCCESS])
+        self.assertIn("draining@buildbot-sshmux", ssh.text)
         self.assertTrue(ssh.running, ssh.text)
         self.assertEqual(stops, [], "buildbot-worker called reactor.stop()")
 

@@ -190,6 +190,23 @@ class KeepaliveTests(TestCase):
         self.failureResultOf(d)
         self.assertEqual(len(self.logs.matching("refused global request", "'tcpip-forward'")), 1)
 
+    def test_a_draining_master_tells_its_hosts_and_those_that_log_in_later(self) -> None:
+        pair = SSHPair(self)
+        pair.start()
+        self.assertFalse(pair.link.draining)
+        pair.factory.announce_draining()
+        pair.flush()
+        self.assertTrue(pair.link.draining)
+        self.assertEqual(len(self.logs.matching("is about to stop", pair.link.address)), 1)
+        self.assertEqual(self.logs.matching("refused global request"), [])
+        pair.server.transport.loseConnection()  # the host comes back while the master drains
+        pair.flush()
+        self.assertFalse(pair.link.draining)
+        pair.clock.advance(60)
+        pair.flush()
+        self.assertIsNotNone(pair.link.connection, "the launcher did not redial")
+        self.assertTrue(pair.link.draining)
+
     def test_keepalive_stops_with_the_connection(self) -> None:
         pair = tune(SSHPair(self), liveness=KEEPALIVE, client_liveness=KEEPALIVE)
         pair.start()

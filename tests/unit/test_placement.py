@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import textwrap
 from collections import Counter
+from typing import Any
 
+from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.errors import ConfigError
 from buildbot_sshmux.worker import config as launcher_config
-from buildbot_sshmux.worker.placement import rank
+from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer, rank
 
 from .tmpdirs import scratch_dir
 
@@ -114,3 +116,90 @@ class ClusterConfigTests(TestCase):
 
     def test_a_cluster_key_of_master_alone_is_refused(self) -> None:
         self.assertIn("unknown key 'address'", self.error(CLUSTER.replace('name = "gnome"', 'address = "m"')))
+
+
+class FakeLink:
+    def __init__(self, address: str, up: bool = True) -> None:
+        self.address = address
+        self.connection: object | None = object() if up else None
+        self.draining = False
+        self.tried = True
+        self.observers: list[Any] = []
+
+
+class FakeEndpoint:
+    def __init__(self, current: FakeLink, preferred: FakeLink | None) -> None:
+        self.current = current
+        self._preferred = preferred
+
+    def preferred(self) -> FakeLink | None:
+        return self._preferred
+
+
+class FakeSession:
+    def __init__(self, busy: bool = False) -> None:
+        self.busy = busy
+        self.attached = True
+        self.moving = False
+        self.moves = 0
+
+    def move(self) -> None:
+        self.moving = True
+        self.moves += 1
+
+
+class RebalancerTests(TestCase):
+    def setUp(self) -> None:
+        self.a, self.b = FakeLink("a:2222"), FakeLink("b:2222")
+
+    def rebalancer(self, pairs: list[tuple[FakeSession, FakeEndpoint]]) -> Rebalancer:
+        return Rebalancer(pairs, Clock())  # type: ignore[arg-type]
+
+    def test_every_session_of_a_draining_master_moves_busy_or_not(self) -> None:
+        self.a.draining = True
+        sessions = [FakeSession(busy=i % 2 == 0) for i in range(30)]
+        self.rebalancer([(s, FakeEndpoint(self.a, self.b)) for s in sessions]).rebalance()
+        self.assertEqual([s.moves for s in sessions], [1] * 30)
+
+    def test_sessions_return_home_idle_ones_only_a_bounded_number_at_a_time(self) -> None:
+        sessions = [FakeSession(busy=i < 5) for i in range(30)]
+        rebalancer = self.rebalancer([(s, FakeEndpoint(self.b, self.a)) for s in sessions])
+        rebalancer.rebalance()
+        self.assertEqual(sum(s.moves for s in sessions), Rebalancer.max_moving)
+        self.assertEqual(sum(s.moves for s in sessions[:5]), 0, "a busy session was moved")
+        rebalancer.rebalance()  # the first ten are still moving: nothing more
+        self.assertEqual(sum(s.moves for s in sessions), Rebalancer.max_moving)
+        for s in sessions:
+            s.moving = False  # they landed
+        rebalancer.rebalance()
+        self.assertEqual(sum(s.moves for s in sessions), 2 * Rebalancer.max_moving)
+
+    def test_sessions_where_they_belong_stay(self) -> None:
+        sessions = [FakeSession() for _ in range(5)]
+        self.rebalancer([(s, FakeEndpoint(self.a, self.a)) for s in sessions]).rebalance()
+        self.rebalancer([(s, FakeEndpoint(self.a, None)) for s in sessions]).rebalance()
+        self.assertEqual([s.moves for s in sessions], [0] * 5)
+
+
+class ChoiceTests(TestCase):
+    def endpoint(self, links: list[FakeLink], worker: str = "w") -> ClusterEndpoint:
+        return ClusterEndpoint([(link, 1.0, 9989) for link in links], worker)  # type: ignore[misc]
+
+    def test_the_first_master_in_the_sessions_order_that_is_up_and_not_draining(self) -> None:
+        links = [FakeLink(f"m{i}:2222") for i in range(3)]
+        endpoint = self.endpoint(links)
+        first, second, third = (link for link, _port in endpoint.order)
+        self.assertIs(endpoint.choice(), first)
+        first.draining = True
+        self.assertIs(endpoint.choice(), second)
+        second.connection = None
+        self.assertIs(endpoint.choice(), third)
+
+    def test_at_start_it_waits_for_an_earlier_masters_first_dial(self) -> None:
+        links = [FakeLink(f"m{i}:2222") for i in range(2)]
+        endpoint = self.endpoint(links)
+        first, second = (link for link, _port in endpoint.order)
+        first.connection, first.tried = None, False
+        self.assertIsNone(endpoint.choice(), "took the second master while the first was still dialling")
+        first.tried = True  # its dial failed
+        self.assertIs(endpoint.choice(), second)
