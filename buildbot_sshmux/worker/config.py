@@ -55,7 +55,12 @@ MASTER_KEYS = {
 }  # fmt: skip
 WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
 CLUSTER_KEYS = (MASTER_KEYS - {"address"}) | {"masters"}
-MEMBER_KEYS = {"address", "weight", "pb_port", "host_key"}  # what a [cluster] masters entry may set for itself
+MEMBER_KEYS = {
+    "address",
+    "weight",
+    "pb_port",
+    "host_key",
+}  # what a [cluster] masters entry may set for itself
 
 
 def _default(cls: type, key: str) -> Any:

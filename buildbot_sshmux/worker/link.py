@@ -509,6 +509,10 @@ class ChannelEndpoint:
         self.target = (target_host, target_port)
         self.label = label
 
+    @property
+    def master_address(self) -> str:
+        return self.link.address
+
     def connect(self, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
         ready = self.link.when_ready()
         opening: list[defer.Deferred[Any]] = []

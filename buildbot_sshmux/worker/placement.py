@@ -55,6 +55,10 @@ class ClusterEndpoint:
         self.order = [by_name[name] for name in rank(worker, [(l.address, w) for l, w, _ in links])]
         self.current: MasterLink | None = None  # the master of the last channel opened
 
+    @property
+    def master_address(self) -> str | None:
+        return self.current.address if self.current is not None else None
+
     def preferred(self) -> MasterLink | None:
         """The master this session belongs on now: its first one that is up (and not stopping)."""
         return next((link for link, _port in self.order if _usable(link)), None)

@@ -81,7 +81,10 @@ class SessionBotFactory(BotFactory):
     def gotPerspective(self, perspective: Any) -> None:
         self.failed_logins = 0
         self.session.moving = False  # a move ends with a login (wherever it lands)
-        log.info("worker {worker}: attached to the master", worker=self.session.name)
+        where = getattr(self.session.endpoint, "master_address", None)
+        log.info(
+            "worker {worker}: attached to master {master}", worker=self.session.name, master=where or "?"
+        )
         super().gotPerspective(perspective)
 
 
@@ -130,6 +133,7 @@ class WorkerSession(WorkerBase):
         self.retry_delay = retry_delay or backoff(initial=0.5, maximum=30.0)
         self.stopped_by_master = False
         self.moving = False  # asked its master to let it go, to log in elsewhere
+        self.endpoint = endpoint
         self._clock = reactor
         self.bot.stop_session = self._master_asked_shutdown
         encoding = self.bot.unicode_encoding

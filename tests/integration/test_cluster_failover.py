@@ -135,6 +135,8 @@ class ClusterFailoverTests(ClusterCase):
         lines = [line for line in launcher.output().splitlines() if "moving from master" in line]
         self.assertEqual(len(lines), len(on_m1), launcher.output())
         self.assertIn("is down", lines[0])
+        m2_address = f"127.0.0.1:{T.ssh_port(masters[1])}"
+        self.assertIn(f"worker {on_m1[0]}: attached to master {m2_address}", launcher.output())
         self.assertLess(moved_s, 30)
 
 
