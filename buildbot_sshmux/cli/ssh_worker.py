@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 from buildbot_sshmux.cli import add_version, plain, run
 from buildbot_sshmux.errors import KeyFileError, SSHMuxError
@@ -24,10 +25,21 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     from buildbot_sshmux.wire.transport import BoundedLogger
     from buildbot_sshmux.worker import config as launcher_config
+    from buildbot_sshmux.worker.control import LauncherControls
     from buildbot_sshmux.worker.launcher import Launcher
 
     config = launcher_config.load(args.config)
     launcher = Launcher(config, reactor)
+    controls = LauncherControls(launcher, reactor)
+    listening = controls.listen()  # first: a second launcher of this config stops here
+    port: list[Any] = []
+    failed: list[Any] = []
+    listening.addCallbacks(port.append, failed.append)
+    if failed:
+        raise SSHMuxError(
+            f"cannot serve the control socket {config.control_path}: {failed[0].getErrorMessage()};"
+            " set control_socket in the config to a writable place"
+        )
     level = LogLevel.debug if args.debug else LogLevel.info
     BoundedLogger.show_debug = args.debug  # Conch's protocol lines too
     observer = FilteringLogObserver(
@@ -35,10 +47,77 @@ def cmd_run(args: argparse.Namespace) -> int:
     )
     globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
     reactor.callWhenRunning(launcher.startService)
+    reactor.callWhenRunning(controls.install_signals)
     reactor.addSystemEventTrigger(
         "before", "shutdown", lambda: launcher.stop_within(reactor, args.stop_timeout)
     )
+    reactor.addSystemEventTrigger("before", "shutdown", lambda: port and port[0].stopListening())
     reactor.run()
+    return 0
+
+
+def _control_path(args: argparse.Namespace) -> Path:
+    from buildbot_sshmux.worker import config as launcher_config
+
+    return launcher_config.control_path_of(Path(args.config))
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from buildbot_sshmux.wire import control
+
+    status = control.request(_control_path(args), "GET", "status")
+    if args.json:
+        print(json.dumps(status, indent=1, sort_keys=True))
+    else:
+        print(format_status(status))
+    return 0 if all(m["connected"] for m in status["masters"]) else 1
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``ssh-worker status`` as text: one line per master, then per session."""
+    lines = [f"launcher {status['config']} (pid {status['pid']})"]
+    for m in status["masters"]:
+        rtt = m["keepalive_rtt_ms"]
+        state = f"connected for {m['connected_for_s']:.0f}s" if m["connected"] else "NOT CONNECTED"
+        if m["draining"]:
+            state += ", draining"
+        if rtt["last"] is not None:
+            state += f", keepalive rtt {rtt['last']:.1f} ms (median {rtt['median']:.1f})"
+        error = m["last_error"]
+        if error is not None:
+            state += f"; last error {error['ago_s']:.0f}s ago: {error['text']}"
+        lines.append(f"master {m['name']}{' (' + m['cluster'] + ')' if m['cluster'] else ''}: {state}")
+    attached = sum(s["attached"] for s in status["sessions"])
+    lines.append(f"sessions: {attached} attached of {len(status['sessions'])}")
+    for s in status["sessions"]:
+        where = f"on {s['master']}" if s["attached"] else "NOT ATTACHED"
+        flags = [f for f in ("busy", "moving") if s[f]]
+        refusal = s["last_refusal"]
+        extra = f"; last refusal {refusal['ago_s']:.0f}s ago: {refusal['text']}" if refusal else ""
+        lines.append(f"  {s['name']}: {where}{' (' + ', '.join(flags) + ')' if flags else ''}{extra}")
+    return "\n".join(lines)
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    from buildbot_sshmux.wire import control
+
+    summary = control.request(_control_path(args), "POST", "reload", timeout=120)
+    print(", ".join(f"{k.replace('_', ' ')}: {len(v)}" for k, v in sorted(summary.items())))
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    from buildbot_sshmux.wire import control
+
+    query = {"graceful": 1, "timeout": args.timeout} if args.graceful else {}
+    answer = control.request(_control_path(args), "POST", "stop", **query)
+    left = answer["sessions_left"]
+    if args.graceful:
+        print(f"stopping once the builds of {len(left)} sessions have finished (at most {args.timeout:.0f}s)")
+    else:
+        print("stopping now")
     return 0
 
 
@@ -128,6 +207,20 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("--stop-timeout", type=float, default=10.0, help="seconds to wait for a clean stop")
     run.add_argument("--debug", action="store_true", help="log SSH protocol details too")
     run.set_defaults(func=cmd_run)
+    status = sub.add_parser("status", help="what the running launcher of CONFIG.toml is connected to")
+    status.add_argument("config", help="launcher configuration (TOML)")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    status.set_defaults(func=cmd_status)
+    reload = sub.add_parser("reload", help="make the running launcher apply its edited config (as SIGHUP)")
+    reload.add_argument("config", help="launcher configuration (TOML)")
+    reload.set_defaults(func=cmd_reload)
+    stop = sub.add_parser("stop", help="stop the running launcher of CONFIG.toml")
+    stop.add_argument("config", help="launcher configuration (TOML)")
+    stop.add_argument("--graceful", action="store_true", help="let running builds finish first (as SIGUSR1)")
+    stop.add_argument(
+        "--timeout", type=float, default=3600.0, help="seconds to wait for builds (default 3600)"
+    )
+    stop.set_defaults(func=cmd_stop)
     keygen = sub.add_parser("keygen", help="make this host's SSH key (ed25519, mode 0600)")
     keygen.add_argument("path", nargs="?", default=IDENTITY_FILE)
     keygen.add_argument("--comment", help="key comment, the host name by default")

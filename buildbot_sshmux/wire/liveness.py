@@ -14,6 +14,8 @@ exchange stays small.
 
 from __future__ import annotations
 
+import statistics
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -57,7 +59,16 @@ class Keepalive:
         self.settings = settings
         self.describe = describe
         self.unanswered = 0
+        self.round_trips: deque[float] = deque(maxlen=64)  # seconds, the latest last
         self._call: Any = None
+
+    @property
+    def last_round_trip(self) -> float | None:
+        return self.round_trips[-1] if self.round_trips else None
+
+    @property
+    def median_round_trip(self) -> float | None:
+        return statistics.median(self.round_trips) if self.round_trips else None
 
     def start(self) -> None:
         if self.settings.keepalive_interval > 0:
@@ -85,13 +96,14 @@ class Keepalive:
             return
         self.unanswered += 1
         d = self.connection.sendGlobalRequest(KEEPALIVE_REQUEST, b"", wantReply=1)
-        d.addBoth(self._answered)
+        d.addBoth(self._answered, self.clock.seconds())
         self._call = self.clock.callLater(self.settings.keepalive_interval, self._tick)
 
-    def _answered(self, result: Any) -> None:
+    def _answered(self, result: Any, sent: float) -> None:
         # A failure reply (ConchError) is an answer too; a lost connection is not.
         if not isinstance(result, Failure) or result.check(ConchError):
             self.unanswered = 0
+            self.round_trips.append(self.clock.seconds() - sent)
 
 
 class RekeyingTransport:

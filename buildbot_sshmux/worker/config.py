@@ -13,6 +13,10 @@
     password = "..."                      # or password_file = "path"
     basedir = "workers/libxml2"           # relative paths: to the config file
 
+``control_socket = "PATH"`` (at the top, before any table) is where the
+running launcher answers ``ssh-worker status``, ``reload`` and ``stop``; by
+default the config's name with ``.sock`` beside it.
+
 Several masters: write ``[[master]]`` tables with a ``name`` each, and give
 every worker ``master = "NAME"``.
 
@@ -106,6 +110,12 @@ class LauncherConfig:
     masters: tuple[MasterConfig, ...]
     workers: tuple[WorkerConfig, ...]
     clusters: tuple[ClusterConfig, ...] = ()
+    control_socket: Path | None = None  # where `ssh-worker status` finds the running launcher
+
+    @property
+    def control_path(self) -> Path:
+        """``control_socket``, or the config's own name with ``.sock`` beside it."""
+        return self.control_socket or self.path.with_suffix(".sock")
 
 
 def _fail(path: Path, where: str, message: str) -> ConfigError:
@@ -290,6 +300,19 @@ def _worker(path: Path, index: int, table: Any, targets: list[str]) -> WorkerCon
     )
 
 
+def control_path_of(path: Path) -> Path:
+    """Where the launcher of the config at ``path`` answers, even if the config
+    has an error now (``ssh-worker reload`` must reach it to be refused)."""
+    path = path.absolute()
+    try:
+        control = tomllib.loads(path.read_text(encoding="utf-8")).get("control_socket")
+    except (OSError, tomllib.TOMLDecodeError):
+        control = None
+    if isinstance(control, str) and control:
+        return path.parent / control
+    return path.with_suffix(".sock")
+
+
 def load(path: str | Path) -> LauncherConfig:
     """Read and check a launcher config; ConfigError names the file and the fault."""
     path = Path(path).absolute()
@@ -299,9 +322,12 @@ def load(path: str | Path) -> LauncherConfig:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"master", "cluster", "worker"})
+    unknown = sorted(set(data) - {"master", "cluster", "worker", "control_socket"})
     if unknown:
-        raise ConfigError(f"{path}: unknown section [{unknown[0]}] (known: [master], [cluster], [[worker]])")
+        raise ConfigError(
+            f"{path}: unknown key or section {unknown[0]!r} (known: control_socket, [master], [cluster], [[worker]])"
+        )
+    control = _str(path, "control_socket", data, "control_socket")
     raw = data.get("master", [])
     if not raw and "cluster" not in data:
         raise ConfigError(f"{path}: no [master] or [cluster] section")
@@ -325,5 +351,9 @@ def load(path: str | Path) -> LauncherConfig:
     if duplicates:
         raise ConfigError(f"{path}: worker {duplicates[0]!r} is listed twice")
     return LauncherConfig(
-        path=path, masters=tuple(masters_list), workers=tuple(workers), clusters=tuple(clusters)
+        path=path,
+        masters=tuple(masters_list),
+        workers=tuple(workers),
+        clusters=tuple(clusters),
+        control_socket=path.parent / control if control else None,
     )

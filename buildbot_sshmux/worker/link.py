@@ -138,6 +138,7 @@ class MuxUserAuthClient(userauth.SSHUserAuthClient):
                 fingerprint=fingerprint(self.link.identity),
             )
             self.link.refused = True
+            self.link.note_error(f"refused this host's key {fingerprint(self.link.identity)}")
             return None
         self._offered = True
         return self.link.identity.public()
@@ -211,6 +212,7 @@ class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
         mismatch = HostKeyMismatch(self.link.address, self.link.pins.describe(), fingerprint(key))
         log.error("{error}", error=str(mismatch))
         self.link.refused = True
+        self.link.note_error(str(mismatch))
         # A fingerprint does not say the key's type: if the master has keys of
         # other types (a rotation), the next dial asks for those first.
         self.link.mismatched_types.add(key.sshType())
@@ -218,6 +220,7 @@ class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         text = quote(description, 200)
+        self.link.note_error(f"disconnected by the master (code {reasonCode}): {text}")
         if description == SHUTDOWN_REASON:
             self.link.master_stopping = True
             log.info("master {master} is shutting down", master=self.link.address)
@@ -311,6 +314,9 @@ class MasterLink(service.Service):
         self._retry_call: Any = None
         self._on_transport_lost: Callable[[], Any] | None = None
         self.tried = False  # its first dial has ended (connected, refused, failed) or was slow
+        self.last_error: tuple[str, float] | None = None  # what went wrong last, and when
+        self.connected_since: float | None = None
+        self._up_since: float | None = None
         self._grace_call: Any = None
         self.observers: list[Callable[[MasterLink], None]] = []  # told when it comes up or fails
 
@@ -389,6 +395,7 @@ class MasterLink(service.Service):
                 master=self.address,
                 error=reason.getErrorMessage(),
             )
+            self.note_error(f"cannot reach it: {reason.getErrorMessage()}")
             self._schedule_redial()
             self._changed()
 
@@ -411,6 +418,9 @@ class MasterLink(service.Service):
         self._retry_call = None
         self._dial()
 
+    def note_error(self, text: str) -> None:
+        self.last_error = (text, self.reactor.seconds())
+
     def master_draining(self) -> None:
         """The master said it will stop soon (DRAINING_REQUEST)."""
         if not self.draining:
@@ -422,6 +432,7 @@ class MasterLink(service.Service):
     def connection_ready(self, connection: MuxClientConnection) -> None:
         self.draining = False
         self.connection = connection
+        self.connected_since = self._up_since = self.reactor.seconds()
         self._attempt = 0
         self.mismatched_types.clear()
         log.info(
@@ -443,6 +454,7 @@ class MasterLink(service.Service):
             return
         self._transport = None
         self.connection = None
+        self.connected_since = None
         if self._on_transport_lost is not None:
             self._on_transport_lost()
             return
@@ -451,6 +463,8 @@ class MasterLink(service.Service):
             log.info("disconnected from master {master}", master=self.address)
         else:
             log.warn("lost connection to master {master}", master=self.address)
+            if self.last_error is None or self.last_error[1] < (self._up_since or 0.0):
+                self.note_error("lost the connection")
         self.master_stopping = False
         self._schedule_redial()
         self._changed()

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -50,10 +50,14 @@ class ClusterEndpoint:
     on the first that comes up."""
 
     def __init__(self, links: Sequence[tuple[MasterLink, float, int]], worker: str) -> None:
-        by_name = {link.address: (link, pb_port) for link, _weight, pb_port in links}
         self.worker = worker
-        self.order = [by_name[name] for name in rank(worker, [(l.address, w) for l, w, _ in links])]
+        self.update(links)
         self.current: MasterLink | None = None  # the master of the last channel opened
+
+    def update(self, links: Sequence[tuple[MasterLink, float, int]]) -> None:
+        """The cluster's members changed (a reload): the next login follows the new order."""
+        by_name = {link.address: (link, pb_port) for link, _weight, pb_port in links}
+        self.order = [by_name[name] for name in rank(self.worker, [(l.address, w) for l, w, _ in links])]
 
     @property
     def master_address(self) -> str | None:
@@ -126,8 +130,10 @@ class Rebalancer(service.Service):
     interval = 1.0
     max_moving = 10
 
-    def __init__(self, sessions: Sequence[tuple[WorkerSession, ClusterEndpoint]], clock: Any) -> None:
-        self.sessions = list(sessions)
+    def __init__(
+        self, placed: Callable[[], Sequence[tuple[WorkerSession, ClusterEndpoint]]], clock: Any
+    ) -> None:
+        self.placed = placed  # the cluster's sessions now, with their endpoints
         self.clock = clock
         self._loop: task.LoopingCall | None = None
 
@@ -143,8 +149,9 @@ class Rebalancer(service.Service):
         return super().stopService()
 
     def rebalance(self) -> None:
-        budget = self.max_moving - sum(1 for s, _ in self.sessions if s.moving)
-        for session, endpoint in self.sessions:
+        placed = self.placed()
+        budget = self.max_moving - sum(1 for s, _ in placed if s.moving)
+        for session, endpoint in placed:
             current = endpoint.current
             if session.moving or not session.attached or current is None:
                 continue

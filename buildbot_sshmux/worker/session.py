@@ -53,6 +53,9 @@ class SessionBotFactory(BotFactory):
     @defer.inlineCallbacks
     def failedToGetPerspective(self, why: Any, broker: Any) -> Any:
         name = self.session.name
+        if not why.check(pb.PBConnectionLost):
+            refusal = "login refused" if why.check(cred_error.UnauthorizedLogin) else why.getErrorMessage()
+            self.session.last_refusal = (refusal, self.clock.seconds())
         if why.check(pb.PBConnectionLost):
             log.info("worker {worker}: lost the channel while logging in", worker=name)
         elif why.check(cred_error.UnauthorizedLogin):
@@ -133,6 +136,9 @@ class WorkerSession(WorkerBase):
         self.retry_delay = retry_delay or backoff(initial=0.5, maximum=30.0)
         self.stopped_by_master = False
         self.moving = False  # asked its master to let it go, to log in elsewhere
+        self.leaving = False  # asked its master to let it go, to stop (a graceful stop)
+        self.last_refusal: tuple[str, float] | None = None  # the master's last refusal, and when
+        self.on_stopped_by_master: Callable[[WorkerSession], None] | None = None
         self.endpoint = endpoint
         self._clock = reactor
         self.bot.stop_session = self._master_asked_shutdown
@@ -173,7 +179,7 @@ class WorkerSession(WorkerBase):
         This is Buildbot's own graceful worker shutdown: the master starts no
         new build on the worker and, once none runs, asks it to shut down.
         """
-        if self.moving or not self.attached:
+        if self.moving or self.leaving or not self.attached:
             return
         self.moving = True
 
@@ -183,6 +189,28 @@ class WorkerSession(WorkerBase):
                      error=failure.getErrorMessage())  # fmt: skip
 
         self.bf.perspective.callRemote("shutdown").addErrback(refused)
+
+    def leave(self) -> None:
+        """Stop once the master has let this session go, its builds ended (a graceful stop)."""
+        if self.leaving:
+            return
+        self.leaving, self.moving = True, False
+        if not self.attached:
+            self._stop()
+            return
+
+        def refused(failure: Any) -> None:
+            log.warn("worker {worker}: cannot stop gracefully ({error}); stopping now", worker=self.name,
+                     error=failure.getErrorMessage())  # fmt: skip
+            self._stop()
+
+        self.bf.perspective.callRemote("shutdown").addErrback(refused)
+
+    def _stop(self) -> None:
+        if self.parent is not None:
+            self.disownServiceParent()
+        if self.on_stopped_by_master is not None:
+            self.on_stopped_by_master(self)
 
     def _master_asked_shutdown(self) -> None:
         if self.moving:
@@ -194,10 +222,14 @@ class WorkerSession(WorkerBase):
             if broker is not None:
                 self._clock.callLater(0.2, broker.transport.loseConnection)
             return
+        if self.leaving:
+            log.info("worker {worker}: its builds have finished; stopping it", worker=self.name)
+            self._clock.callLater(0.2, self._stop)
+            return
         # Stock buildbot-worker stops the reactor, and so every other session.
         log.info(
             "worker {worker}: the master asked this worker to shut down; stopping this session only",
             worker=self.name,
         )
         self.stopped_by_master = True
-        self._clock.callLater(0.2, self.disownServiceParent)
+        self._clock.callLater(0.2, self._stop)

@@ -52,8 +52,16 @@ class LauncherTestCase(RealMasterCase):
         return master
 
     async def stop_master(self, master: Any) -> None:
+        """Stop a master once (a test may stop it itself; cleanup then skips it)."""
+        if getattr(master, "_fault_stopped", False):
+            return
+        master._fault_stopped = True
         if not await S.stop_master_within(master, reactor, 30):
             self.fail(f"the master did not stop within 30s\n{self.diagnostics()}")
+        # Buildbot's Worker.detached restarts its 1-hour "missing" timer after
+        # stopService has cancelled it: the master is gone, so is the timer.
+        for worker in list(master.workers.workers.values()):
+            worker.stopMissingTimer()
 
     def launch(
         self,

@@ -178,7 +178,7 @@ class LauncherConfigTests(TestCase):
         )
 
     def test_unknown_top_level_section(self) -> None:
-        self.assertConfigError(ONE_MASTER + "\n[logging]\nlevel = 1\n", "unknown section [logging]")
+        self.assertConfigError(ONE_MASTER + "\n[logging]\nlevel = 1\n", "unknown key or section 'logging'")
 
     def test_unknown_master_key(self) -> None:
         self.assertConfigError(

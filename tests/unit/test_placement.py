@@ -153,7 +153,7 @@ class RebalancerTests(TestCase):
         self.a, self.b = FakeLink("a:2222"), FakeLink("b:2222")
 
     def rebalancer(self, pairs: list[tuple[FakeSession, FakeEndpoint]]) -> Rebalancer:
-        return Rebalancer(pairs, Clock())  # type: ignore[arg-type]
+        return Rebalancer(lambda: pairs, Clock())  # type: ignore[arg-type, return-value]
 
     def test_every_session_of_a_draining_master_moves_busy_or_not(self) -> None:
         self.a.draining = True

@@ -1,0 +1,155 @@
+"""Running the launcher as a service, against a real master: status, reload, graceful stop.
+
+``ssh-worker status/reload/stop`` are run as the commands an operator types
+(child processes), talking to a running ``ssh-worker run`` through its control
+socket; SIGHUP and SIGUSR1 are sent as an init system would.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import stat
+import sys
+
+from buildbot.process.results import SUCCESS
+from twisted.internet import defer, reactor, utils
+
+from buildbot_sshmux.demo import harness as T
+from tests import support as S
+
+from .test_launcher import LauncherTestCase, figures, names_for
+
+PROJECTS = ["alpha", "beta", "gamma", "delta"]
+HOST = "hosta"
+
+
+async def ssh_worker(*args: str) -> tuple[int, str]:
+    """Run ``ssh-worker ARGS`` as an operator would; (exit code, stdout + stderr)."""
+    out, err, code = await utils.getProcessOutputAndValue(
+        sys.executable, ["-m", "buildbot_sshmux.cli.ssh_worker", *args], env=dict(os.environ)
+    )
+    return code, (out + err).decode()
+
+
+class LauncherOpsTestCase(LauncherTestCase):
+    def worker_names(self) -> list[str]:
+        return names_for(PROJECTS, HOST)
+
+
+class StatusTests(LauncherOpsTestCase):
+    def test_status_text_and_json_and_a_master_gone(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._status())
+
+    async def _status(self) -> None:
+        self.make_site([HOST])
+        master = await self.start_master(PROJECTS, [HOST])
+        names = self.worker_names()
+        launcher = self.launch(HOST, names, master_options={"keepalive_interval": 1})
+        await self.wait_attached(names)
+        socket_path = launcher.config.with_suffix(".sock")
+        self.assertEqual(stat.S_IMODE(socket_path.stat().st_mode), 0o600)
+        for _ in range(50):  # the first keepalive is answered a second after the connection
+            code, out = await ssh_worker("status", "--json", str(launcher.config))
+            if json.loads(out)["masters"][0]["keepalive_rtt_ms"]["last"] is not None:
+                break
+        status = json.loads(out)
+        self.assertEqual([s["attached"] for s in status["sessions"]], [True] * len(names))
+        self.assertEqual(status["pid"], launcher.process.pid if launcher.process else None)
+        self.assertLess(status["masters"][0]["keepalive_rtt_ms"]["median"], 1000)
+
+        code, text = await ssh_worker("status", str(launcher.config))
+        self.assertEqual(code, 0, text)
+        self.assertIn(f"sessions: {len(names)} attached of {len(names)}", text)
+        self.assertIn(f"master 127.0.0.1:{T.ssh_port(master)}: connected for", text)
+        for name in names:
+            self.assertIn(f"  {name}: on 127.0.0.1:{T.ssh_port(master)}", text)
+        self.assertIn("keepalive rtt", text)
+        print(text)
+
+        await self.stop_master(master)
+        self.master = None
+        await self.wait_for(lambda: launcher.output().count("lost connection to master")
+                            + launcher.output().count("is shutting down") > 0, 15, "the launcher to notice")  # fmt: skip
+        code, text = await ssh_worker("status", str(launcher.config))
+        self.assertEqual(code, 1, text)
+        self.assertIn("NOT CONNECTED; last error", text)
+        self.assertIn("sessions: 0 attached of", text)
+        print(text)
+
+        await S.stop_launcher(reactor, launcher)
+        code, text = await ssh_worker("status", str(launcher.config))
+        self.assertEqual(code, 2)
+        self.assertIn("nothing is running", text)
+
+
+class ReloadTests(LauncherOpsTestCase):
+    def test_sighup_adds_removes_and_restarts_only_what_changed(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._reload())
+
+    async def _reload(self) -> None:
+        self.make_site([HOST])
+        master = await self.start_master(PROJECTS, [HOST])
+        sshmux = T.sshmux_service(master)
+        alpha, beta, gamma, delta = self.worker_names()
+        launcher = self.launch(HOST, [alpha, beta, gamma])
+        await self.wait_attached([alpha, beta, gamma])
+        before = self.connections([alpha, beta])
+        [transport] = sshmux.factory.connections
+
+        text = launcher.config.read_text()
+        edited = self.site.launcher_config(HOST, T.ssh_port(master), T.pb_port(master), [alpha, beta, delta])
+        edited.write_text(edited.read_text().replace(f'name = "{beta}"', f'name = "{beta}"\nkeepalive = 300'))
+        self.assertNotEqual(text, edited.read_text())
+        started = reactor.seconds()
+        assert launcher.process is not None
+        launcher.process.send_signal(signal.SIGHUP)
+        await self.wait_attached([delta])
+        await self.wait_detached([gamma])
+        await self.wait_for(lambda: self.usable([beta]) and self.connections([beta])[beta] is not before[beta],
+                            20, "beta to restart")  # fmt: skip
+        figures("reload", seconds=reactor.seconds() - started)
+        self.assertIs(self.connections([alpha])[alpha], before[alpha], "alpha was re-attached")
+        self.assertEqual(sshmux.factory.connections, {transport}, "the SSH connection was replaced")
+        self.assertIn("reloaded", launcher.output())
+        self.assertIn("1 sessions started, 1 stopped, 1 restarted", launcher.output())
+
+        launcher.config.write_text(launcher.config.read_text() + "\n[[worker]\nname = 'broken'\n")
+        code, text = await ssh_worker("reload", str(launcher.config))
+        self.assertEqual(code, 2, text)
+        self.assertIn("reload refused", text)
+        self.assertIn(str(launcher.config), text)
+        [line] = [t for t in launcher.output().splitlines() if "reload refused" in t]
+        self.assertIn("the running sessions go on", line)
+        self.assertEqual(set(self.connections([alpha, beta, delta])), {alpha, beta, delta})
+        self.assertIs(self.connections([alpha])[alpha], before[alpha])
+
+
+class GracefulStopTests(LauncherOpsTestCase):
+    def test_graceful_stop_lets_the_running_build_finish(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._graceful())
+
+    async def _graceful(self) -> None:
+        self.make_site([HOST])
+        master = await self.start_master(PROJECTS, [HOST], command=["sh", "-c", "sleep 3; echo done"])
+        names = self.worker_names()
+        busy, idle = names[0], names[1:]
+        launcher = self.launch(HOST, names)
+        await self.wait_attached(names)
+        [brid] = await T.force_builds(master, [(PROJECTS[0], HOST)])
+        await self.wait_for(lambda: bool(master.botmaster.builders[PROJECTS[0]].building), 20, "the build")
+
+        asked = reactor.seconds()
+        code, text = await ssh_worker("stop", "--graceful", str(launcher.config))
+        self.assertEqual(code, 0, text)
+        self.assertIn("stopping once the builds of", text)
+        await self.wait_detached(idle, timeout=10)
+        idle_s = reactor.seconds() - asked
+        self.assertIn(busy, T.attached_workers(master), "the busy session left before its build ended")
+        [result] = await T.buildrequest_results(master, [brid])
+        self.assertEqual(result, SUCCESS)
+        code = await S.wait_process_exit(reactor, launcher, 20)
+        figures("graceful stop", idle_detached_s=idle_s, exited_after_s=reactor.seconds() - asked)
+        self.assertEqual(code, 0, launcher.output())
+        self.assertIn("every build has finished; stopping", launcher.output())
