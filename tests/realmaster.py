@@ -46,9 +46,11 @@ class RealMasterCase(unittest.TestCase):
         self.site = T.Site(self.root, list(hosts))
         return self.site
 
-    def start_launcher(self, config: Path) -> T.LauncherProcess:
-        """Start ``ssh-worker run CONFIG``; it is stopped at clean-up."""
-        launcher = T.LauncherProcess(config)
+    def start_launcher(
+        self, config: Path, args: Sequence[str] = (), env: dict[str, str] | None = None
+    ) -> T.LauncherProcess:
+        """Start ``ssh-worker run [ARGS] CONFIG``; it is stopped at clean-up."""
+        launcher = T.LauncherProcess(config, args, env)
         launcher.start()
         self.launchers.append(launcher)
         self.addCleanup(lambda: defer.ensureDeferred(S.stop_launcher(reactor, launcher)))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,46 +15,9 @@ from buildbot_sshmux.wire.defaults import EXAMPLE_HOST, IDENTITY_FILE, PB_PORT, 
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from twisted.internet import reactor
-    from twisted.logger import (
-        FilteringLogObserver,
-        LogLevel,
-        LogLevelFilterPredicate,
-        globalLogBeginner,
-        textFileLogObserver,
-    )
+    from buildbot_sshmux.worker import runner
 
-    from buildbot_sshmux.wire.transport import BoundedLogger
-    from buildbot_sshmux.worker import config as launcher_config
-    from buildbot_sshmux.worker.control import LauncherControls
-    from buildbot_sshmux.worker.launcher import Launcher
-
-    config = launcher_config.load(args.config)
-    launcher = Launcher(config, reactor)
-    controls = LauncherControls(launcher, reactor)
-    listening = controls.listen()  # first: a second launcher of this config stops here
-    port: list[Any] = []
-    failed: list[Any] = []
-    listening.addCallbacks(port.append, failed.append)
-    if failed:
-        raise SSHMuxError(
-            f"cannot serve the control socket {config.control_path}: {failed[0].getErrorMessage()};"
-            " set control_socket in the config to a writable place"
-        )
-    level = LogLevel.debug if args.debug else LogLevel.info
-    BoundedLogger.show_debug = args.debug  # Conch's protocol lines too
-    observer = FilteringLogObserver(
-        textFileLogObserver(sys.stdout), [LogLevelFilterPredicate(defaultLogLevel=level)]
-    )
-    globalLogBeginner.beginLoggingTo([observer], redirectStandardIO=False)
-    reactor.callWhenRunning(launcher.startService)
-    reactor.callWhenRunning(controls.install_signals)
-    reactor.addSystemEventTrigger(
-        "before", "shutdown", lambda: launcher.stop_within(reactor, args.stop_timeout)
-    )
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: port and port[0].stopListening())
-    reactor.run()
-    return 0
+    return runner.run(args.config, debug=args.debug, stop_timeout=args.stop_timeout, logfile=args.logfile)
 
 
 def _control_path(args: argparse.Namespace) -> Path:
@@ -108,17 +72,43 @@ def cmd_reload(args: argparse.Namespace) -> int:
     return 0
 
 
+def _alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (an exited one its parent has not reaped yet does not)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return True
+    return state != "Z"
+
+
 def cmd_stop(args: argparse.Namespace) -> int:
+    import time
+
     from buildbot_sshmux.wire import control
 
+    path = _control_path(args)
     query = {"graceful": 1, "timeout": args.timeout} if args.graceful else {}
-    answer = control.request(_control_path(args), "POST", "stop", **query)
+    answer = control.request(path, "POST", "stop", **query)
     left = answer["sessions_left"]
     if args.graceful:
         print(f"stopping once the builds of {len(left)} sessions have finished (at most {args.timeout:.0f}s)")
     else:
         print("stopping now")
-    return 0
+    if args.no_wait:
+        return 0
+    deadline = time.monotonic() + (args.timeout if args.graceful else 0) + 60
+    while time.monotonic() < deadline:  # as `buildbot-worker stop`: return once it is gone
+        if not _alive(answer["pid"]):
+            print("stopped")
+            return 0
+        time.sleep(0.2)
+    raise SSHMuxError(f"the launcher of {args.config} is still running; see its log")
 
 
 def cmd_keygen(args: argparse.Namespace) -> int:
@@ -206,6 +196,9 @@ def parser() -> argparse.ArgumentParser:
     run.add_argument("config", help="launcher configuration (TOML)")
     run.add_argument("--stop-timeout", type=float, default=10.0, help="seconds to wait for a clean stop")
     run.add_argument("--debug", action="store_true", help="log SSH protocol details too")
+    run.add_argument(
+        "--logfile", help="log to this file (rotated at 10 MB, 10 kept; reopened on SIGHUP), not stdout"
+    )
     run.set_defaults(func=cmd_run)
     status = sub.add_parser("status", help="what the running launcher of CONFIG.toml is connected to")
     status.add_argument("config", help="launcher configuration (TOML)")
@@ -220,6 +213,7 @@ def parser() -> argparse.ArgumentParser:
     stop.add_argument(
         "--timeout", type=float, default=3600.0, help="seconds to wait for builds (default 3600)"
     )
+    stop.add_argument("--no-wait", action="store_true", help="return at once, not once it has stopped")
     stop.set_defaults(func=cmd_stop)
     keygen = sub.add_parser("keygen", help="make this host's SSH key (ed25519, mode 0600)")
     keygen.add_argument("path", nargs="?", default=IDENTITY_FILE)

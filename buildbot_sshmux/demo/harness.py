@@ -301,18 +301,21 @@ def established_tcp(local_port: int) -> int:
 class LauncherProcess:
     """An ``ssh-worker run CONFIG`` child process, its output in a log file."""
 
-    def __init__(self, config: Path) -> None:
+    def __init__(self, config: Path, args: Sequence[str] = (), env: dict[str, str] | None = None) -> None:
         self.config = config
+        self.args = list(args)  # more `ssh-worker run` options
+        self.env = env  # the child's whole environment (None: this one's)
         self.log_path = config.with_suffix(".log")
         self.process: subprocess.Popen[bytes] | None = None
 
     def start(self) -> None:
         log = open(self.log_path, "ab")
         self.process = subprocess.Popen(
-            [sys.executable, "-m", "buildbot_sshmux.cli.ssh_worker", "run", str(self.config)],
+            [sys.executable, "-m", "buildbot_sshmux.cli.ssh_worker", "run", *self.args, str(self.config)],
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=self.config.parent,
+            env=self.env,
         )
         log.close()
 

@@ -11,7 +11,9 @@
 
 from __future__ import annotations
 
+import os
 import signal
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -20,6 +22,7 @@ from twisted.logger import Logger
 from buildbot_sshmux.errors import SSHMuxError
 from buildbot_sshmux.wire import control
 from buildbot_sshmux.worker import config as launcher_config
+from buildbot_sshmux.worker import systemd
 from buildbot_sshmux.worker.launcher import Launcher
 
 log = Logger()
@@ -35,6 +38,7 @@ class LauncherControls:
         self.launcher = launcher
         self.reactor = reactor
         self._reloading: defer.Deferred[Any] | None = None
+        self.on_reload: list[Callable[[], object]] = []  # e.g. reopen the log file
 
     def routes(self) -> dict[tuple[str, str], control.Route]:
         return {
@@ -61,19 +65,24 @@ class LauncherControls:
         if self._reloading is not None:
             return defer.fail(control.ControlError("a reload is running already; try again in a moment"))
         path = self.launcher.config.path
+        for hook in self.on_reload:
+            hook()
         try:
             new = launcher_config.load(path)
         except SSHMuxError as e:
             log.error("reload refused, the running sessions go on: {error}", error=str(e))
             return defer.fail(control.ControlError(f"reload refused: {e}"))
+        systemd.notify("RELOADING=1")
         d = self._reloading = defer.maybeDeferred(self.launcher.reload, new)
 
         def done(result: Any) -> Any:
             self._reloading = None
+            systemd.notify("READY=1", f"STATUS={self.launcher.summary()}")
             return result
 
         def failed(failure: Any) -> Any:
             self._reloading = None
+            systemd.notify("READY=1")
             if failure.check(SSHMuxError):
                 log.error("reload refused, the running sessions go on: {error}", error=str(failure.value))
                 raise control.ControlError(f"reload refused: {failure.value}")
@@ -89,7 +98,7 @@ class LauncherControls:
                 raise control.ControlError(
                     f"timeout must be a number of seconds, not {query['timeout']!r}"
                 ) from None
-            return self.launcher.stop_gracefully(timeout)
+            return {**self.launcher.stop_gracefully(timeout), "pid": os.getpid()}
         log.info("stopping now, as asked on the control socket")
         self.reactor.callLater(0, self.reactor.stop)
-        return {"stopping": True, "sessions_left": sorted(self.launcher.sessions)}
+        return {"stopping": True, "sessions_left": sorted(self.launcher.sessions), "pid": os.getpid()}

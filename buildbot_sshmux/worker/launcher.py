@@ -198,6 +198,11 @@ class Launcher(service.MultiService):
     def attached_count(self) -> int:
         return sum(1 for s in self.sessions.values() if s.attached)
 
+    def summary(self) -> str:
+        """One line: sessions attached, masters connected (systemd's status line)."""
+        up = sum(1 for link in self.links.values() if link.connection is not None)
+        return f"{self.attached_count()}/{len(self.sessions)} sessions attached, {up}/{len(self.links)} masters connected"
+
     def stop_within(self, reactor: Any, seconds: float) -> defer.Deferred[Any]:
         """Stop every session and link, giving up waiting after ``seconds``."""
         d = defer.maybeDeferred(self.stopService)

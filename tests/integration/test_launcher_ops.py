@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
+import socket
 import stat
+import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from unittest import SkipTest
 
 from buildbot.process.results import SUCCESS
 from twisted.internet import defer, reactor, utils
+from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.demo import harness as T
 from tests import support as S
@@ -78,7 +85,9 @@ class StatusTests(LauncherOpsTestCase):
         self.assertIn("sessions: 0 attached of", text)
         print(text)
 
-        await S.stop_launcher(reactor, launcher)
+        code, text = await ssh_worker("stop", str(launcher.config))  # returns once it has exited
+        self.assertEqual((code, text.splitlines()[-1]), (0, "stopped"), text)
+        self.assertIsNotNone(launcher.process.poll() if launcher.process else None)
         code, text = await ssh_worker("status", str(launcher.config))
         self.assertEqual(code, 2)
         self.assertIn("nothing is running", text)
@@ -141,7 +150,7 @@ class GracefulStopTests(LauncherOpsTestCase):
         await self.wait_for(lambda: bool(master.botmaster.builders[PROJECTS[0]].building), 20, "the build")
 
         asked = reactor.seconds()
-        code, text = await ssh_worker("stop", "--graceful", str(launcher.config))
+        code, text = await ssh_worker("stop", "--graceful", "--no-wait", str(launcher.config))
         self.assertEqual(code, 0, text)
         self.assertIn("stopping once the builds of", text)
         await self.wait_detached(idle, timeout=10)
@@ -153,3 +162,78 @@ class GracefulStopTests(LauncherOpsTestCase):
         figures("graceful stop", idle_detached_s=idle_s, exited_after_s=reactor.seconds() - asked)
         self.assertEqual(code, 0, launcher.output())
         self.assertIn("every build has finished; stopping", launcher.output())
+
+
+class SystemdTests(LauncherOpsTestCase):
+    def test_readiness_status_and_stopping_are_notified(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._notify())
+
+    async def _notify(self) -> None:
+        self.make_site([HOST])
+        master = await self.start_master(PROJECTS, [HOST])
+        names = self.worker_names()
+        notify_path = self.root / "notify.sock"
+        receiver = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+        receiver.bind(str(notify_path))
+        receiver.setblocking(False)
+        self.addCleanup(receiver.close)
+        messages: list[str] = []
+
+        def received(*wanted: str) -> bool:
+            try:
+                while True:
+                    messages.append(receiver.recv(4096).decode())
+            except BlockingIOError:
+                pass
+            return all(any(w in m for m in messages) for w in wanted)
+
+        config = self.site.launcher_config(HOST, T.ssh_port(master), T.pb_port(master), names)
+        env = {**os.environ, "NOTIFY_SOCKET": str(notify_path)}
+        launcher = self.start_launcher(config, ["--logfile", str(self.root / "launcher.log")], env)
+        await self.wait_for(lambda: received("READY=1"), 20, "READY=1")
+        await self.wait_attached(names)
+        await self.wait_for(lambda: received(f"STATUS={len(names)}/{len(names)} sessions attached"), 20,
+                            "a status line with every session attached")  # fmt: skip
+
+        # --logfile: lines go there, not to stdout; SIGHUP reopens it (logrotate moved it away).
+        log_path = self.root / "launcher.log"
+        self.assertIn("connected to master", log_path.read_text())
+        log_path.rename(self.root / "launcher.log.1")
+        assert launcher.process is not None
+        launcher.process.send_signal(signal.SIGHUP)
+        await self.wait_for(lambda: received("RELOADING=1") and log_path.exists(), 20, "the log reopened")
+        await self.wait_for(
+            lambda: "reloaded" in log_path.read_text(), 20, "the reload's line in the new log"
+        )
+        self.assertNotIn("connected to master", launcher.output())
+
+        launcher.process.send_signal(signal.SIGTERM)
+        await S.wait_process_exit(reactor, launcher, 20)
+        self.assertTrue(received("STOPPING=1"), messages)
+
+
+class UnitFileTests(TestCase):
+    def test_the_unit_files_verify(self) -> None:
+        analyze = shutil.which("systemd-analyze")
+        if analyze is None:
+            raise SkipTest("systemd-analyze is not installed (Debian's systemd package has it)")
+        ssh_worker_bin = Path(sys.executable).with_name("ssh-worker")
+        root = Path(tempfile.mkdtemp(prefix="sshmux-unit-"))
+        self.addCleanup(shutil.rmtree, root)
+        contrib = Path(__file__).parents[2] / "contrib" / "systemd"
+        units = sorted(contrib.glob("*.service"))
+        self.assertEqual([u.name for u in units], ["ssh-worker.service", "ssh-worker@.service"])
+        for unit in units:
+            copy = root / unit.name
+            copy.write_text(unit.read_text().replace("/usr/local/bin/ssh-worker", str(ssh_worker_bin)))
+            target = root / "ssh-worker@site.service" if "@" in unit.name else copy
+            if target != copy:
+                target.symlink_to(copy)
+            result = subprocess.run(
+                [analyze, "verify", str(target)], capture_output=True, text=True, cwd=root
+            )
+            self.assertEqual((result.returncode, result.stdout + result.stderr), (0, ""), unit.name)
+            text = unit.read_text()
+            for line in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
+                         "ProtectSystem=strict", "Restart=on-failure", "KillSignal=SIGUSR1", "KillMode=mixed"]:  # fmt: skip
+                self.assertIn(line, text, unit.name)
