@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+from typing import Any
 
 from buildbot_sshmux.errors import SSHMuxError
 
@@ -28,6 +29,34 @@ def add_version(parser: argparse.ArgumentParser, *distributions: str) -> None:
             found.append(f"{name} not installed")
     text = f"%(prog)s {__version__} ({', '.join(found)}; Python {sys.version.split()[0]})"
     parser.add_argument("--version", action="version", version=text)
+
+
+class IntermixedParser(argparse.ArgumentParser):
+    """A subcommand's parser whose positionals may sit before, between and after its options.
+
+    So that an optional positional followed by a required one (``[BASEDIR]
+    PUBKEY``) can be left out: argparse's own parser gives the first run of
+    positionals to as many positionals as it can, and ``BASEDIR --host H KEY``
+    would leave ``KEY`` unrecognized.  (parse_known_intermixed_args calls
+    parse_known_args itself: that inner call is argparse's own.)
+    """
+
+    _intermixing = False
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> Any:
+        if self._intermixing:
+            return super().parse_known_args(args, namespace)
+        self._intermixing = True
+        try:
+            return self.parse_known_intermixed_args(args, namespace)
+        finally:
+            self._intermixing = False
+
+
+def intermixed(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Make a parser from ``add_parser`` an `IntermixedParser` (add_parser takes no class)."""
+    parser.__class__ = IntermixedParser
+    return parser
 
 
 def run(parser: argparse.ArgumentParser, argv: list[str] | None) -> int:

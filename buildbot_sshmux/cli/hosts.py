@@ -1,4 +1,8 @@
-"""``buildbot-sshmux authorize|revoke|list``: edit and show the master's authorized_hosts."""
+"""``buildbot-sshmux authorize|revoke|list``: edit and show the master's authorized_hosts.
+
+``BASEDIR`` names a master and its ``sshmux/authorized_hosts``; ``--file
+/ABSOLUTE/PATH`` names a cluster's shared file instead, and needs no BASEDIR.
+"""
 
 from __future__ import annotations
 
@@ -8,6 +12,7 @@ from pathlib import Path
 
 from twisted.conch.ssh import keys
 
+from buildbot_sshmux.cli import intermixed
 from buildbot_sshmux.errors import SSHMuxError
 from buildbot_sshmux.master import authorized_hosts
 from buildbot_sshmux.master.authorized_hosts import LineError
@@ -17,11 +22,21 @@ DEFAULT_FILE = "sshmux/authorized_hosts"
 
 
 def hosts_file(args: argparse.Namespace, must_exist: bool = True) -> Path:
-    path = Path(args.basedir, args.file)
+    """The file to edit: ``--file`` if absolute (a cluster's shared file), else BASEDIR/--file."""
+    file = Path(args.file).expanduser()
+    if file.is_absolute():
+        path, remedy = file, "give the path that every master's SSHMuxService(authorized_hosts=...) names"
+    elif args.basedir is None:
+        raise SSHMuxError(
+            "give the master's BASEDIR, or --file with an absolute path (the authorized_hosts"
+            " that every master of a cluster names)"
+        )
+    else:
+        path, remedy = Path(args.basedir, file), f"run: buildbot-sshmux init {args.basedir}"
     if must_exist and not path.exists():
-        raise SSHMuxError(f"{path} does not exist; run: buildbot-sshmux init {args.basedir}")
+        raise SSHMuxError(f"{path} does not exist; {remedy}")
     if not path.parent.is_dir():
-        raise SSHMuxError(f"{path.parent} does not exist; run: buildbot-sshmux init {args.basedir}")
+        raise SSHMuxError(f"{path.parent} does not exist; {remedy}")
     return path
 
 
@@ -55,8 +70,10 @@ def cmd_authorize(args: argparse.Namespace) -> int:
         authorized_hosts.add_entry(path, line)
     except LineError as e:
         raise SSHMuxError(f"{path}: {e}") from None
+    except authorized_hosts.EditError as e:
+        raise SSHMuxError(str(e)) from None
     print(f"authorized host {args.host} ({authorized_hosts.parse_line(line).fingerprint}) in {path}")  # type: ignore[union-attr]
-    print("a running master applies it within seconds")
+    print(f"every running master whose authorized_hosts is {path} applies it within seconds")
     return 0
 
 
@@ -64,12 +81,15 @@ def cmd_revoke(args: argparse.Namespace) -> int:
     path = hosts_file(args)
     if bool(args.host) == bool(args.fingerprint):
         raise SSHMuxError("say which host to revoke: --host NAME or --fingerprint SHA256:...")
-    removed = authorized_hosts.remove_entries(path, host=args.host, key_fingerprint=args.fingerprint)
+    try:
+        removed = authorized_hosts.remove_entries(path, host=args.host, key_fingerprint=args.fingerprint)
+    except authorized_hosts.EditError as e:
+        raise SSHMuxError(str(e)) from None
     if not removed:
         raise SSHMuxError(f"{path}: no entry for {args.host or args.fingerprint}; see: buildbot-sshmux list")
     for entry in removed:
         print(f"revoked host {entry.name} ({entry.fingerprint}), was {entry.source}")
-    print("a running master disconnects it within seconds")
+    print(f"every running master whose authorized_hosts is {path} disconnects it within seconds")
     return 0
 
 
@@ -91,10 +111,16 @@ def cmd_list(args: argparse.Namespace) -> int:
 
 def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     def common(p: argparse.ArgumentParser) -> None:
-        p.add_argument("basedir", help="the Buildbot master's basedir")
-        p.add_argument("--file", default=DEFAULT_FILE, help=f"relative to BASEDIR (default {DEFAULT_FILE})")
+        p.add_argument(
+            "basedir", nargs="?", help="the Buildbot master's basedir (not needed with an absolute --file)"
+        )
+        p.add_argument(
+            "--file",
+            default=DEFAULT_FILE,
+            help=f"relative to BASEDIR (default {DEFAULT_FILE}), or absolute: a cluster's shared file",
+        )
 
-    auth = sub.add_parser("authorize", help="let a worker host's key in, as some worker names")
+    auth = intermixed(sub.add_parser("authorize", help="let a worker host's key in, as some worker names"))
     common(auth)
     auth.add_argument("--host", required=True, help="the host's name, in logs")
     auth.add_argument("--workers", required=True, help="worker names it may use: 'GLOB,...'")

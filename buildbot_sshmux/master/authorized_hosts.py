@@ -16,13 +16,26 @@ The host's name is the ``host=`` option, else the key's comment.  Options:
 Comments, blank lines and quoted options follow OpenSSH's syntax.  A bad line
 is reported with its file:line and skipped: it never locks the other hosts
 out and never lets anyone in.
+
+A cluster of masters shares one file: every master's ``authorized_hosts=``
+names the same path (shared storage, or a symlink to it), and each master
+re-reads it by itself.  Edits (`add_entry`, `remove_entries`) take a lock
+beside the file, so that editors on several machines lose no edit, and
+replace the file in one rename, keeping its owner and mode, so that a master
+reads the old content or the new one, never a part.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import fcntl
 import fnmatch
 import ipaddress
 import os
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 from attrs import frozen
@@ -220,14 +233,19 @@ def parse_line(line: str, source: str = "<config>") -> HostEntry | None:
     )
 
 
-def parse_lines(lines: list[str], source: str) -> tuple[list[HostEntry], list[str]]:
-    """Parse many lines; return the good entries and one error sentence per bad line."""
+def parse_lines(lines: Sequence[str | None], source: str) -> tuple[list[HostEntry], list[str]]:
+    """Parse many lines; return the good entries and one error sentence per bad line.
+
+    A line given as None is one that is not UTF-8 text (see `parse_bytes`).
+    """
     entries: list[HostEntry] = []
     errors: list[str] = []
     first_line: dict[bytes, int] = {}  # a key's line: a key on two lines is its first line's
     for number, line in enumerate(lines, start=1):
         where = f"{source}:{number}"
         try:
+            if line is None:
+                raise LineError("not UTF-8 text")
             entry = parse_line(line, where)
         except LineError as e:
             errors.append(f"{where}: {e}; this line is ignored, fix it and save the file")
@@ -246,10 +264,27 @@ def parse_lines(lines: list[str], source: str) -> tuple[list[HostEntry], list[st
     return entries, errors
 
 
+def _decode_lines(data: bytes) -> list[str | None]:
+    """The file's lines as text, None for a line that is not UTF-8."""
+    lines: list[str | None] = []
+    for raw in data.splitlines():
+        try:
+            lines.append(raw.decode("utf-8"))
+        except UnicodeDecodeError:
+            lines.append(None)
+    return lines
+
+
+def parse_bytes(data: bytes, source: str) -> tuple[list[HostEntry], list[str]]:
+    """Parse a file's content.  A line that is not UTF-8 is a bad line like any other:
+    reported and skipped, never a reason to reject the whole file."""
+    return parse_lines(_decode_lines(data), source)
+
+
 def load(path: str | Path) -> tuple[list[HostEntry], list[str]]:
     """Read an authorized_hosts file (OSError if it cannot be read)."""
     path = Path(path)
-    return parse_lines(path.read_text(encoding="utf-8").splitlines(), str(path))
+    return parse_bytes(path.read_bytes(), str(path))
 
 
 def format_entry(
@@ -274,13 +309,109 @@ def format_entry(
     return line
 
 
-def _write_atomically(path: Path, text: str) -> None:
-    mode = path.stat().st_mode & 0o777 if path.exists() else 0o600
-    tmp = path.with_name(f".{path.name}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+class EditError(Exception):
+    """authorized_hosts cannot be edited safely; it is left as it was."""
+
+
+LOCK_TIMEOUT = 10.0
+
+
+def edit_target(path: Path) -> Path:
+    """The file an edit of ``path`` replaces: the one a symlink names, not the symlink.
+
+    ``BASEDIR/sshmux/authorized_hosts`` may be a symlink to a cluster's shared
+    file; a rename onto the symlink would replace the link with a copy, and
+    the edit would reach this master alone.
+    """
+    return Path(os.path.realpath(path))
+
+
+def lock_path(path: Path) -> Path:
+    """The lock file that serializes edits of ``path`` (next to it: on the same storage)."""
+    return path.with_name(f".{path.name}.lock")
+
+
+@contextlib.contextmanager
+def edit_lock(path: Path, timeout: float | None = None) -> Iterator[None]:
+    """Hold an exclusive lock for one read-modify-write of ``path``.
+
+    Several administrators (or one on several machines, with the file on
+    shared storage) may run ``authorize`` and ``revoke`` at once: without it
+    one edit could overwrite the other.  A POSIX record lock (``fcntl.lockf``)
+    on a lock file beside ``path``, as those work on NFS too.  Readers take no
+    lock: every write replaces the file in one rename.
+    """
+    lock = lock_path(path)
+    existing = path.stat() if path.exists() else None
+    try:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, existing.st_mode & 0o666 if existing else 0o600)
+    except OSError as e:
+        raise EditError(f"cannot open the lock file {lock} ({e.strerror})") from None
+    try:
+        if existing is not None:
+            with contextlib.suppress(OSError):  # as the file's owner: the next editor may open it
+                os.fchown(fd, existing.st_uid, existing.st_gid)
+        timeout = LOCK_TIMEOUT if timeout is None else timeout
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except OSError as e:
+                if e.errno not in (errno.EACCES, errno.EAGAIN):
+                    raise EditError(f"cannot lock {lock} ({e.strerror})") from None
+                if time.monotonic() > deadline:
+                    raise EditError(
+                        f"{path} is being edited by another buildbot-sshmux (it holds {lock});"
+                        f" waited {timeout:.0f} s, try again"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def _write_atomically(path: Path, data: bytes) -> None:
+    """Replace ``path`` in one rename, keeping its mode and owner.
+
+    A master reading the file at any moment sees the old content or the new,
+    never a part.  The new file keeps the old one's owner: one written by
+    root as root:root 0600 could not be read by the masters, which then keep
+    serving the entries they had, the revoked host included; so when the
+    owner cannot be kept (not root, not the owner) nothing is written.
+    """
+    existing = path.stat() if path.exists() else None
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        if existing is not None:
+            try:
+                if (existing.st_uid, existing.st_gid) != (os.geteuid(), os.getegid()):
+                    os.fchown(fd, existing.st_uid, existing.st_gid)
+            except OSError:
+                raise EditError(
+                    f"{path} belongs to uid {existing.st_uid} gid {existing.st_gid}; the new file"
+                    " could not keep that owner, and the masters might not read it: run this as"
+                    " that user (or root)"
+                ) from None
+        os.fchmod(fd, existing.st_mode & 0o777 if existing else 0o600)
+        with os.fdopen(fd, "wb") as f:
+            fd = -1
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if fd != -1:
+            os.close(fd)
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    with contextlib.suppress(OSError):  # the rename itself, durable (best effort)
+        dirfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dirfd)
+        finally:
+            os.close(dirfd)
 
 
 def add_entry(path: str | Path, line: str) -> None:
@@ -289,36 +420,45 @@ def add_entry(path: str | Path, line: str) -> None:
     A host may have several lines (several keys) while it rotates its key.
     """
     path = Path(path)
+    target = edit_target(path)
     new = parse_line(line)
     assert new is not None
-    existing, _errors = load(path) if path.exists() else ([], [])
-    for entry in existing:
-        if entry.key.blob() == new.key.blob():
-            raise LineError(
-                f"key {new.fingerprint} is already authorized as host {entry.name} at"
-                f" {entry.source}; revoke it first to change its entry"
-            )
-    text = path.read_text(encoding="utf-8") if path.exists() else ""
-    if text and not text.endswith("\n"):
-        text += "\n"
-    _write_atomically(path, text + line + "\n")
+    with edit_lock(target):
+        data = target.read_bytes() if target.exists() else b""
+        existing, _errors = parse_bytes(data, str(path))
+        for entry in existing:
+            if entry.key.blob() == new.key.blob():
+                raise LineError(
+                    f"key {new.fingerprint} is already authorized as host {entry.name} at"
+                    f" {entry.source}; revoke it first to change its entry"
+                )
+        if data and not data.endswith(b"\n"):
+            data += b"\n"
+        _write_atomically(target, data + line.encode("utf-8") + b"\n")
 
 
 def remove_entries(
     path: str | Path, host: str | None = None, key_fingerprint: str | None = None
 ) -> list[HostEntry]:
-    """Remove the lines of a host (by name) or of a key (by fingerprint); return them."""
+    """Remove the lines of a host (by name) or of a key (by fingerprint); return them.
+
+    Every other line is kept as it was: comments, bad lines, lines that are
+    not UTF-8.
+    """
     path = Path(path)
-    kept, removed = [], []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        try:
-            entry = parse_line(line, f"{path}:{number}")
-        except LineError:
-            entry = None
-        if entry is not None and (entry.name == host or entry.fingerprint == key_fingerprint):
-            removed.append(entry)
-        else:
-            kept.append(line)
-    if removed:
-        _write_atomically(path, "".join(f"{line}\n" for line in kept))
+    target = edit_target(path)
+    with edit_lock(target):
+        kept: list[bytes] = []
+        removed: list[HostEntry] = []
+        for number, raw in enumerate(target.read_bytes().splitlines(), start=1):
+            try:
+                entry = parse_line(raw.decode("utf-8"), f"{path}:{number}")
+            except (LineError, UnicodeDecodeError):
+                entry = None
+            if entry is not None and (entry.name == host or entry.fingerprint == key_fingerprint):
+                removed.append(entry)
+            else:
+                kept.append(raw)
+        if removed:
+            _write_atomically(target, b"".join(raw + b"\n" for raw in kept))
     return removed

@@ -13,6 +13,7 @@ as SSH channels and are handed, in process, to the master's PB port.
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import os
 import warnings
@@ -88,6 +89,10 @@ def _load_entries(basedir: str, path: str | None, inline: Sequence[str]) -> tupl
         entries += more
         errors += more_errors
     return entries, errors
+
+
+def _digest(data: bytes | None) -> bytes | None:
+    return hashlib.sha256(data).digest() if data is not None else None
 
 
 DEFAULT_PORT = f"tcp:{SSH_PORT}"
@@ -213,7 +218,8 @@ class SSHMuxService(service.BuildbotService):
         self._listen_args: tuple[Any, ...] | None = None
         self._hosts_file: Path | None = None
         self._hosts_inline: Sequence[str] = ()
-        self._hosts_stamp: tuple[int, int, int] | None = None
+        self._hosts_stamp: bytes | None = None  # the SHA-256 of the content loaded
+        self._failed_stamp: bytes | None = None
         self._watch: task.LoopingCall | None = None
 
     @defer.inlineCallbacks
@@ -282,30 +288,41 @@ class SSHMuxService(service.BuildbotService):
         yield self._stop_listening()
         yield super().stopService()
 
-    def _file_stamp(self) -> tuple[int, int, int] | None:
-        if self._hosts_file is None:
-            return None
-        st = self._hosts_file.stat()
-        return (st.st_mtime_ns, st.st_size, st.st_ino)
+    def _read_hosts_file(self) -> bytes | None:
+        """authorized_hosts' bytes (OSError if it cannot be read); None without one."""
+        return self._hosts_file.read_bytes() if self._hosts_file is not None else None
 
-    def _reload_hosts(self) -> None:
+    def _reload_hosts(self, data: bytes | None = None) -> None:
         """Read the entries afresh and apply them to the hosts logged in now."""
-        stamp = self._file_stamp()
-        basedir = self.master.basedir
-        path = str(self._hosts_file) if self._hosts_file is not None else None
-        self.entries, errors = _load_entries(basedir, path, self._hosts_inline)
-        self._hosts_stamp = stamp
+        if data is None:
+            data = self._read_hosts_file()
+        self.entries, errors = authorized_hosts.parse_lines(
+            list(self._hosts_inline), "SSHMuxService(hosts=...)"
+        )
+        if data is not None:
+            more, more_errors = authorized_hosts.parse_bytes(data, str(self._hosts_file))
+            self.entries += more
+            errors += more_errors
         for message in errors:
             log.error("{error}", error=message)
         if self.factory is not None:
             self.factory.apply_entries()
+        self._hosts_stamp = _digest(data)  # once applied: a failure is retried at the next check
 
     def _check_hosts_file(self) -> None:
-        """Reload authorized_hosts when it was edited (an unreadable file changes nothing)."""
+        """Reload authorized_hosts when its content changed (an unreadable file changes nothing).
+
+        The content is compared, not the file's stat(): the file may be on
+        shared storage for a cluster of masters, where stat() can answer from
+        a cache for up to a minute (NFS attribute caching) while open() and
+        read() see the new file (close-to-open consistency), and where mtimes
+        may have a granularity of a second or two.  The file is small; one
+        read every reload_interval costs nothing.  Nothing may stop this loop
+        (a LoopingCall ends at its first exception): every later revocation
+        would go unseen.
+        """
         try:
-            if self._file_stamp() == self._hosts_stamp:
-                return
-            self._reload_hosts()
+            data = self._read_hosts_file()
         except OSError as e:
             if self._hosts_stamp is not None:
                 log.error(
@@ -314,6 +331,19 @@ class SSHMuxService(service.BuildbotService):
                     error=e.strerror,
                 )
             self._hosts_stamp = None
+            return
+        digest = _digest(data)
+        if digest is None or digest == self._hosts_stamp:
+            return
+        try:
+            self._reload_hosts(data)
+        except Exception:
+            if digest != self._failed_stamp:  # one line per content that fails, not one per check
+                self._failed_stamp = digest
+                log.failure(
+                    "authorized_hosts {path}: applying the new entries failed; retrying",
+                    path=self._hosts_file,
+                )
             return
         log.info(
             "authorized_hosts {path} reloaded: {count} hosts", path=self._hosts_file, count=len(self.entries)

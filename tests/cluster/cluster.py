@@ -100,6 +100,40 @@ class Cluster:
         path.write_text(text)
         return path
 
+    def launcher_config_masters(
+        self, host: str, placement: Sequence[tuple[ClusterMaster, Iterable[str]]]
+    ) -> Path:
+        """``HOST/ssh-worker.toml`` with a ``[[master]]`` per master: these workers on each.
+
+        One launcher process, one SSH connection per master, each pinned to
+        that master's host key; every worker says which master it is on.
+        """
+        assert self.site is not None
+        lines: list[str] = []
+        for master, _workers in placement:
+            lines += [
+                "[[master]]",
+                f'name = "{master.name}"',
+                f'address = "127.0.0.1:{master.ssh_port}"',
+                f'host_key = "{master.host_key_line}"',
+                f'identity = "{self.site.identities[host].name}"',
+                f"pb_port = {master.pb_port}",
+                "",
+            ]
+        for master, workers in placement:
+            for name in workers:
+                lines += [
+                    "[[worker]]",
+                    f'name = "{name}"',
+                    f'password = "{T.WORKER_PASSWORD.format(name=name)}"',
+                    f'basedir = "workers/{name}"',
+                    f'master = "{master.name}"',
+                    "",
+                ]
+        path = self.site.root / host / "ssh-worker.toml"
+        path.write_text("\n".join(lines))
+        return path
+
     def start_launcher(self, config: Path) -> T.LauncherProcess:
         """``ssh-worker run CONFIG``; stopped when the cluster closes."""
         launcher = T.LauncherProcess(config)

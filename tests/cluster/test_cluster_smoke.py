@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from buildbot_sshmux.demo import harness as T
+from tests.support import host_fingerprint
 
 from .cluster import Cluster
 
@@ -33,7 +34,7 @@ def test_build_forced_on_b_runs_on_worker_attached_to_a(cluster: Cluster) -> Non
     cluster.start_launcher(cluster.launcher_config("hosta", a, [worker]))
     cluster.wait_connected(worker, to=a, via=b)
     cluster.timings["worker attach to A, seen from B"] = time.monotonic() - began
-    assert T.host_fingerprint(site, "hosta") in a.log(), "A's log names the host that logged in"
+    assert host_fingerprint(site, "hosta") in a.log(), "A's log names the host that logged in"
 
     began = time.monotonic()
     brid = cluster.force_build(via=b, builder="proj")

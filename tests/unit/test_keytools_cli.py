@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import os
 import stat
 import sys
 from collections.abc import Callable
@@ -376,6 +377,98 @@ class ListAndRevokeTests(MasterTestCase):
         self.assertEqual(code, 2)
         self.assertIn("--host", err)
         self.assertEqual(len(load(self.hosts)[0]), 3)
+
+
+class SharedFileTests(MasterTestCase):
+    """A cluster's one authorized_hosts, outside every basedir: ``--file /ABSOLUTE/PATH``."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.shared = self.basedir / "shared" / "authorized_hosts"
+        self.shared.parent.mkdir()
+        self.key_a, self.key_b = generate_ed25519(), generate_ed25519()
+
+    def authorize(self, host: str, key: keys.Key, *where: str) -> tuple[int, str, str]:
+        return self.admin(
+            "authorize", *where, "--host", host, "--workers", f"*-{host}", "-", stdin=public_line(key)
+        )
+
+    def test_authorize_revoke_list_without_basedir(self) -> None:
+        code, out, err = self.authorize("hosta", self.key_a, "--file", str(self.shared))
+        self.assertEqual(code, 0, err)
+        self.assertIn(f"in {self.shared}", out)
+        self.assertIn(f"every running master whose authorized_hosts is {self.shared}", out)
+        self.assertEqual(self.authorize("hostb", self.key_b, "--file", str(self.shared))[0], 0)
+        code, out, err = self.admin("list", "--file", str(self.shared))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([line.split()[0] for line in out.splitlines()[1:]], ["hosta", "hostb"])
+        code, out, err = self.admin("revoke", "--file", str(self.shared), "--host", "hosta")
+        self.assertEqual(code, 0, err)
+        self.assertIn(fingerprint(self.key_a), out)
+        self.assertEqual([e.name for e in load(self.shared)[0]], ["hostb"])
+
+    def test_an_absolute_file_wins_over_basedir(self) -> None:
+        self.init()
+        code, _out, err = self.authorize("hosta", self.key_a, str(self.basedir), "--file", str(self.shared))
+        self.assertEqual(code, 0, err)
+        self.assertEqual([e.name for e in load(self.shared)[0]], ["hosta"])
+        self.assertEqual(load(self.hosts)[0], [], "the basedir's own file is untouched")
+
+    def test_the_basedir_and_the_key_may_sit_on_either_side_of_the_options(self) -> None:
+        self.init()
+        pub = self.basedir / "hosta.pub"
+        pub.write_text(public_line(self.key_a) + "\n")
+        for argv in (
+            [str(self.basedir), "--host", "hosta", "--workers", "*", str(pub)],
+            ["--host", "hosta", str(self.basedir), "--workers", "*", str(pub)],
+            ["--host", "hosta", "--workers", "*", str(self.basedir), str(pub)],
+        ):
+            code, _out, err = self.admin("authorize", *argv)
+            self.assertEqual(code, 0, (argv, err))
+            self.assertEqual([e.name for e in load(self.hosts)[0]], ["hosta"])
+            self.assertEqual(self.admin("revoke", str(self.basedir), "--host", "hosta")[0], 0)
+
+    def test_a_relative_file_without_basedir_is_refused(self) -> None:
+        for argv in (["list"], ["revoke", "--host", "hosta"], ["list", "--file", "shared/authorized_hosts"]):
+            code, _out, err = self.admin(*argv)
+            self.assertEqual(code, 2, argv)
+            self.assertIn("give the master's BASEDIR, or --file with an absolute path", err)
+        code, _out, err = self.authorize("hosta", self.key_a)
+        self.assertEqual(code, 2)
+        self.assertIn("--file with an absolute path", err)
+
+    def test_a_missing_shared_file_names_the_path_not_init(self) -> None:
+        missing = self.basedir / "nowhere" / "authorized_hosts"
+        code, _out, err = self.admin("revoke", "--file", str(missing), "--host", "hosta")
+        self.assertEqual(code, 2)
+        self.assertIn(f"{missing} does not exist", err)
+        self.assertIn("SSHMuxService(authorized_hosts=...)", err)
+        self.assertNotIn("buildbot-sshmux init", err)
+        code, _out, err = self.authorize("hosta", self.key_a, "--file", str(missing))
+        self.assertEqual(code, 2)
+        self.assertIn(f"{missing.parent} does not exist", err)
+
+    def test_a_basedir_symlinked_to_the_shared_file_edits_the_shared_file(self) -> None:
+        self.init()
+        self.hosts.unlink()
+        self.hosts.symlink_to(self.shared)
+        self.assertEqual(self.authorize("hosta", self.key_a, str(self.basedir))[0], 0)
+        self.assertEqual(self.authorize("hostb", self.key_b, str(self.basedir))[0], 0)
+        self.assertEqual(self.admin("revoke", str(self.basedir), "--host", "hosta")[0], 0)
+        self.assertTrue(self.hosts.is_symlink())
+        self.assertEqual([e.name for e in load(self.shared)[0]], ["hostb"])
+
+    def test_an_edit_that_cannot_keep_the_owner_exits_2_and_changes_nothing(self) -> None:
+        self.assertEqual(self.authorize("hosta", self.key_a, "--file", str(self.shared))[0], 0)
+        before = self.shared.read_bytes()
+        with (
+            mock.patch("os.geteuid", return_value=os.geteuid() + 1),
+            mock.patch("os.fchown", side_effect=PermissionError(1, "Operation not permitted")),
+        ):
+            code, _out, err = self.admin("revoke", "--file", str(self.shared), "--host", "hosta")
+        self.assertEqual(code, 2)
+        self.assertIn("could not keep that owner", err)
+        self.assertEqual(self.shared.read_bytes(), before)
 
 
 class KeygenTests(TestCase):
