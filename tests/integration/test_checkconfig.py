@@ -37,7 +37,9 @@ c['schedulers'] = [schedulers.ForceScheduler(name='force', builderNames=['b'])]
 """
 
 
-class CheckconfigFromAnyDirectory(TestCase):
+class CheckconfigCase(TestCase):
+    """A master basedir with MASTER_CFG and the site's keys, checked as users check it."""
+
     def setUp(self) -> None:
         self.root = Path(tempfile.mkdtemp(prefix="sshmux-checkconfig-"))
         self.addCleanup(shutil.rmtree, self.root, True)
@@ -57,6 +59,8 @@ class CheckconfigFromAnyDirectory(TestCase):
         )
         return done.returncode, done.stdout + done.stderr
 
+
+class CheckconfigFromAnyDirectory(CheckconfigCase):
     def test_a_good_config_is_good(self) -> None:
         code, output = self.checkconfig()
         self.assertEqual(code, 0, output)
@@ -84,3 +88,20 @@ class CheckconfigFromAnyDirectory(TestCase):
         self.assertEqual(code, 0, output)  # the master would start and skip the line
         self.assertIn(f"{hosts}:2:", output)
         self.assertIn("this line is ignored", output)
+
+
+class PluginEntryPoint(CheckconfigCase):
+    """``util.SSHMuxService``: the service through Buildbot's plugin namespace."""
+
+    def test_util_sshmux_service_in_master_cfg(self) -> None:
+        text = MASTER_CFG.replace("from buildbot_sshmux import SSHMuxService\n", "")
+        text = text.replace("c['services'] = [SSHMuxService(", "c['services'] = [util.SSHMuxService(")
+        self.assertIn("util.SSHMuxService(", text)
+        (self.site.master_basedir / "master.cfg").write_text(text)
+        code, output = self.checkconfig()
+        self.assertEqual(code, 0, output)
+        self.assertIn("Config file is good!", output)
+        self.key.chmod(0o644)  # and it is our service that checks: it refuses a world-readable key
+        code, output = self.checkconfig()
+        self.assertNotEqual(code, 0, output)
+        self.assertIn("chmod 600", output)
