@@ -13,6 +13,15 @@
     password = "..."                      # or password_file = "path"
     basedir = "workers/libxml2"           # relative paths: to the config file
 
+Many sessions alike are one ``[[workers]]`` table: ``{project}`` in its
+``name``, ``basedir`` (default ``workers/{project}``) and ``password_file``
+stands for each name of ``projects``::
+
+    [[workers]]
+    projects = ["libxml2", "glib", "gtk"]
+    name = "{project}-debian-sid"
+    password_file = "passwords/{project}"
+
 ``control_socket = "PATH"`` (at the top, before any table) is where the
 running launcher answers ``ssh-worker status``, ``reload`` and ``stop``; by
 default the config's name with ``.sock`` beside it.
@@ -59,6 +68,7 @@ MASTER_KEYS = {
 }  # fmt: skip
 WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
 CLUSTER_KEYS = (MASTER_KEYS - {"address"}) | {"masters"}
+PATTERN_KEYS = {"name", "basedir", "password_file"}  # where a [[workers]] table's {project} goes
 MEMBER_KEYS = {
     "address",
     "weight",
@@ -130,7 +140,7 @@ def _line_of(path: Path, where: str) -> int | None:
         lines = path.read_text(encoding="utf-8").splitlines()
     except OSError:
         return None
-    numbered = re.fullmatch(r"\[\[(\w+)\]\] #(\d+)", where)
+    numbered = re.match(r"\[\[(\w+)\]\] #(\d+)", where)
     named = re.fullmatch(r"worker '(.*)'", where)
     if named:  # the [[worker]] header above its name = "..." line
         name_line = re.compile(rf"""\s*name\s*=\s*["']{re.escape(named[1])}["']""")
@@ -254,8 +264,9 @@ def _cluster(path: Path, table: Any) -> tuple[ClusterConfig, list[MasterConfig]]
     return ClusterConfig(name=name, masters=tuple(m.name for m in masters)), masters
 
 
-def _worker(path: Path, index: int, table: Any, targets: list[str]) -> WorkerConfig:
-    where = f"[[worker]] #{index + 1}"
+def _worker(path: Path, index: int, table: Any, targets: list[str], where: str = "") -> WorkerConfig:
+    expanded = bool(where)  # from a [[workers]] table: name it, not the generated name
+    where = where or f"[[worker]] #{index + 1}"
     if not isinstance(table, dict):
         raise _fail(path, where, "must be a table")
     unknown = sorted(set(table) - WORKER_KEYS)
@@ -264,7 +275,7 @@ def _worker(path: Path, index: int, table: Any, targets: list[str]) -> WorkerCon
     name = table.get("name")
     if not isinstance(name, str) or not name:
         raise _fail(path, where, "name is missing")
-    where = f"worker {name!r}"
+    where = f"{where} worker {name!r}" if expanded else f"worker {name!r}"
     for key in ("password", "password_file", "basedir", "master"):
         _str(path, where, table, key)
     if "password" in table and "password_file" in table:
@@ -313,6 +324,32 @@ def control_path_of(path: Path) -> Path:
     return path.with_suffix(".sock")
 
 
+def _expand(path: Path, where: str, table: Any) -> list[tuple[str, dict[str, Any]]]:
+    """A [[workers]] table as one [[worker]] table per project: ``{project}``
+    in name, basedir and password_file is replaced by each project's name."""
+    if not isinstance(table, dict):
+        raise _fail(path, where, "must be a table")
+    projects = table.get("projects")
+    if not isinstance(projects, list) or not projects or not all(isinstance(p, str) and p for p in projects):
+        raise _fail(path, where, 'projects must be a list of names, e.g. projects = ["glib", "gtk"]')
+    name = table.get("name")
+    if not isinstance(name, str) or "{project}" not in name:
+        raise _fail(path, where, 'name must contain {project}, e.g. name = "{project}-debian-sid"')
+    unknown = sorted(set(table) - WORKER_KEYS - {"projects"})
+    if unknown:
+        raise _fail(
+            path, where, f"unknown key {unknown[0]!r} (known: projects, {', '.join(sorted(WORKER_KEYS))})"
+        )
+    rest = {k: v for k, v in table.items() if k != "projects"}
+    rest.setdefault("basedir", "workers/{project}")
+    expanded = []
+    for project in projects:
+        one = {k: v.replace("{project}", project) if k in PATTERN_KEYS and isinstance(v, str) else v
+               for k, v in rest.items()}  # fmt: skip
+        expanded.append((project, one))
+    return expanded
+
+
 def load(path: str | Path) -> LauncherConfig:
     """Read and check a launcher config; ConfigError names the file and the fault."""
     path = Path(path).absolute()
@@ -322,10 +359,11 @@ def load(path: str | Path) -> LauncherConfig:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"master", "cluster", "worker", "control_socket"})
+    unknown = sorted(set(data) - {"master", "cluster", "worker", "workers", "control_socket"})
     if unknown:
         raise ConfigError(
-            f"{path}: unknown key or section {unknown[0]!r} (known: control_socket, [master], [cluster], [[worker]])"
+            f"{path}: unknown key or section {unknown[0]!r}"
+            " (known: control_socket, [master], [cluster], [[worker]], [[workers]])"
         )
     control = _str(path, "control_socket", data, "control_socket")
     raw = data.get("master", [])
@@ -344,8 +382,11 @@ def load(path: str | Path) -> LauncherConfig:
     if len(masters) != len(masters_list) or len(set(targets)) != len(targets):
         raise ConfigError(f"{path}: two masters (or a master and the cluster) have the same name or address")
     workers = [_worker(path, i, t, targets) for i, t in enumerate(data.get("worker", []))]
+    for i, table in enumerate(data.get("workers", [])):
+        where = f"[[workers]] #{i + 1}"
+        workers += [_worker(path, i, t, targets, f"{where} ({p!r})") for p, t in _expand(path, where, table)]
     if not workers:
-        raise ConfigError(f"{path}: no [[worker]] tables: nothing to run")
+        raise ConfigError(f"{path}: no [[worker]] or [[workers]] tables: nothing to run")
     names = [w.name for w in workers]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:

@@ -294,3 +294,76 @@ class LauncherConfigTests(TestCase):
             """,
             "same name",
         )
+
+
+MANY = f"""
+[master]
+address = "buildmaster.example.org"
+host_key = "{PIN}"
+identity = "id_ed25519"
+
+[[workers]]
+projects = ["libxml2", "glib", "gtk"]
+name = "{{project}}-debian-sid"
+password_file = "passwords/{{project}}"
+keepalive = 300
+"""
+
+
+class CompactWorkersTests(TestCase):
+    def setUp(self) -> None:
+        self.dir = scratch_dir(self)
+        self.path = self.dir / "ssh-worker.toml"
+        (self.dir / "passwords").mkdir()
+        for project in ["libxml2", "glib", "gtk"]:
+            (self.dir / "passwords" / project).write_text(f"pw-{project}\n")
+
+    def load(self, text: str) -> launcher_config.LauncherConfig:
+        self.path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return launcher_config.load(self.path)
+
+    def error(self, text: str) -> str:
+        with self.assertRaises(ConfigError) as caught:
+            self.load(text)
+        return str(caught.exception)
+
+    def test_one_table_is_a_session_per_project(self) -> None:
+        workers = self.load(MANY).workers
+        self.assertEqual(
+            [w.name for w in workers], ["libxml2-debian-sid", "glib-debian-sid", "gtk-debian-sid"]
+        )
+        self.assertEqual([w.password for w in workers], ["pw-libxml2", "pw-glib", "pw-gtk"])
+        self.assertEqual(
+            [w.basedir for w in workers], [self.dir / "workers" / p for p in ["libxml2", "glib", "gtk"]]
+        )
+        self.assertEqual({w.keepalive for w in workers}, {300})
+
+    def test_200_sessions_in_a_few_lines(self) -> None:
+        names = [f"p{i}" for i in range(200)]
+        text = MANY.replace(
+            'projects = ["libxml2", "glib", "gtk"]', f"projects = {names!r}".replace("'", '"')
+        )
+        text = text.replace('password_file = "passwords/{project}"', 'password = "same"')
+        self.assertLess(len(text.splitlines()), 15)
+        self.assertEqual(len(self.load(text).workers), 200)
+
+    def test_it_mixes_with_single_tables_and_a_name_listed_twice_is_refused(self) -> None:
+        single = '\n[[worker]]\nname = "tools-debian-sid"\npassword = "x"\n'
+        self.assertEqual(len(self.load(MANY + single).workers), 4)
+        twice = single.replace("tools-debian-sid", "glib-debian-sid")
+        self.assertIn("worker 'glib-debian-sid' is listed twice", self.error(MANY + twice))
+
+    def test_mistakes_name_the_table_and_its_line(self) -> None:
+        cases = {
+            'name = "{project}-debian-sid"': ('name = "debian-sid"', "name must contain {project}"),
+            'projects = ["libxml2", "glib", "gtk"]': ("projects = []", "projects must be a list of names"),
+            "keepalive = 300": ('colour = "red"', "unknown key 'colour'"),
+        }
+        for old, (new, fragment) in cases.items():
+            message = self.error(MANY.replace(old, new))
+            self.assertIn(f"{self.path}:7: [[workers]] #1", message, new)
+            self.assertIn(fragment, message, new)
+        (self.dir / "passwords" / "gtk").unlink()
+        message = self.error(MANY)
+        self.assertIn(f"{self.path}:7: [[workers]] #1 ('gtk') worker 'gtk-debian-sid'", message)
+        self.assertIn("password_file", message)
