@@ -20,6 +20,13 @@ def cmd_run(args: argparse.Namespace) -> int:
     return runner.run(args.config, debug=args.debug, stop_timeout=args.stop_timeout, logfile=args.logfile)
 
 
+def cmd_import(args: argparse.Namespace) -> int:
+    from buildbot_sshmux.worker import importer
+
+    skipped = importer.import_dirs(Path(args.config).absolute(), [Path(d) for d in args.dirs], sys.stdout)
+    return 1 if skipped else 0
+
+
 def _control_path(args: argparse.Namespace) -> Path:
     from buildbot_sshmux.worker import config as launcher_config
 
@@ -200,6 +207,10 @@ def parser() -> argparse.ArgumentParser:
         "--logfile", help="log to this file (rotated at 10 MB, 10 kept; reopened on SIGHUP), not stdout"
     )
     run.set_defaults(func=cmd_run)
+    imp = sub.add_parser("import", help="add existing buildbot-worker directories to CONFIG.toml, in place")
+    imp.add_argument("config", help="launcher configuration (TOML), made by ssh-worker init")
+    imp.add_argument("dirs", nargs="+", metavar="WORKER_DIR", help="a directory holding a buildbot.tac")
+    imp.set_defaults(func=cmd_import)
     status = sub.add_parser("status", help="what the running launcher of CONFIG.toml is connected to")
     status.add_argument("config", help="launcher configuration (TOML)")
     status.add_argument("--json", action="store_true", help="print JSON")

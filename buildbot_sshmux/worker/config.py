@@ -66,7 +66,10 @@ MASTER_KEYS = {
     "name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file",
     "pb_port", "username", *fields_dict(Liveness),
 }  # fmt: skip
-WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
+WORKER_KEYS = {
+    "name", "password", "password_file", "basedir", "master", "keepalive", "umask", "numcpus",
+    "delete_leftover_dirs",
+}  # fmt: skip
 CLUSTER_KEYS = (MASTER_KEYS - {"address"}) | {"masters"}
 PATTERN_KEYS = {"name", "basedir", "password_file"}  # where a [[workers]] table's {project} goes
 MEMBER_KEYS = {
@@ -90,6 +93,8 @@ class WorkerConfig:
     master: str
     keepalive: int = defaults.WORKER_KEEPALIVE
     umask: int | None = None
+    numcpus: int | None = None  # what the worker reports to the master (default: this host's CPUs)
+    delete_leftover_dirs: bool = False  # buildbot-worker's: remove build dirs no builder uses
 
 
 @frozen
@@ -169,6 +174,13 @@ def _int(path: Path, where: str, table: dict[str, Any], key: str, default: Any) 
     if isinstance(value, int) and not isinstance(value, bool):
         return value
     raise _fail(path, where, f"{key} must be an integer, not {value!r}")
+
+
+def _bool(path: Path, where: str, table: dict[str, Any], key: str, default: bool) -> bool:
+    value = table.get(key, default)
+    if isinstance(value, bool):
+        return value
+    raise _fail(path, where, f"{key} must be true or false, not {value!r}")
 
 
 def _str(path: Path, where: str, table: dict[str, Any], key: str) -> str | None:
@@ -308,6 +320,8 @@ def _worker(path: Path, index: int, table: Any, targets: list[str], where: str =
         master=master,
         keepalive=_int(path, where, table, "keepalive", _default(WorkerConfig, "keepalive")),
         umask=_int(path, where, table, "umask", None),
+        numcpus=_int(path, where, table, "numcpus", None),
+        delete_leftover_dirs=_bool(path, where, table, "delete_leftover_dirs", False),
     )
 
 

@@ -110,6 +110,8 @@ class Launcher(service.MultiService):
             self.reactor,
             keepalive=worker.keepalive,
             umask=worker.umask,
+            numcpus=worker.numcpus,
+            delete_leftover_dirs=worker.delete_leftover_dirs,
         )
         session.on_stopped_by_master = self._session_gone
         session.setServiceParent(self.session_group)
