@@ -68,6 +68,9 @@ def format_status(status: dict[str, Any]) -> str:
         refusal = s["last_refusal"]
         extra = f"; last refusal {refusal['ago_s']:.0f}s ago: {refusal['text']}" if refusal else ""
         lines.append(f"  {s['name']}: {where}{' (' + ', '.join(flags) + ')' if flags else ''}{extra}")
+    for f in status.get("forwards", []):
+        state = "listening" if f["listening"] else "NOT LISTENING (see the log)"
+        lines.append(f"forward {f['listen']}: {state}, {f['connections']} connections")
     return "\n".join(lines)
 
 

@@ -22,6 +22,14 @@ stands for each name of ``projects``::
     name = "{project}-debian-sid"
     password_file = "passwords/{project}"
 
+Unmodified ``buildbot-worker`` processes reach the master through a
+``[[forward]]``: a local listener (127.0.0.1 unless ``listen`` names a host)
+whose every connection is one channel on the shared SSH connection::
+
+    [[forward]]
+    listen = "9989"          # their buildbot.tac says localhost:9989
+    master = "gnome"         # optional with one master or cluster
+
 ``control_socket = "PATH"`` (at the top, before any table) is where the
 running launcher answers ``ssh-worker status``, ``reload`` and ``stop``; by
 default the config's name with ``.sock`` beside it.
@@ -114,6 +122,13 @@ class MasterConfig:
 
 
 @frozen
+class ForwardConfig:
+    listen: str  # a Twisted strports description, e.g. tcp:9989:interface=127.0.0.1
+    address: str  # HOST:PORT, as the config wrote it (for log lines)
+    master: str  # a [[master]] or [cluster] name
+
+
+@frozen
 class ClusterConfig:
     name: str
     masters: tuple[str, ...]  # MasterConfig names, which are their addresses
@@ -125,6 +140,7 @@ class LauncherConfig:
     masters: tuple[MasterConfig, ...]
     workers: tuple[WorkerConfig, ...]
     clusters: tuple[ClusterConfig, ...] = ()
+    forwards: tuple[ForwardConfig, ...] = ()
     control_socket: Path | None = None  # where `ssh-worker status` finds the running launcher
 
     @property
@@ -302,16 +318,7 @@ def _worker(path: Path, index: int, table: Any, targets: list[str], where: str =
         password = str(table["password"])
     else:
         raise _fail(path, where, "password or password_file is missing")
-    if "master" in table:
-        master = str(table["master"])
-        if master not in targets:
-            raise _fail(
-                path, where, f"master {master!r} is not a [[master]] or [cluster] name ({', '.join(targets)})"
-            )
-    elif len(targets) == 1:
-        master = targets[0]
-    else:
-        raise _fail(path, where, 'several masters are configured: say which one with master = "NAME"')
+    master = _target(path, where, table, targets)
     basedir = path.parent / str(table.get("basedir", f"workers/{name}"))
     return WorkerConfig(
         name=name,
@@ -336,6 +343,44 @@ def control_path_of(path: Path) -> Path:
     if isinstance(control, str) and control:
         return path.parent / control
     return path.with_suffix(".sock")
+
+
+def _target(path: Path, where: str, table: dict[str, Any], targets: list[str]) -> str:
+    """The master (or cluster) a table names, or the only one there is."""
+    if "master" in table:
+        master = str(table["master"])
+        if master not in targets:
+            raise _fail(
+                path, where, f"master {master!r} is not a [[master]] or [cluster] name ({', '.join(targets)})"
+            )
+        return master
+    if len(targets) == 1:
+        return targets[0]
+    raise _fail(path, where, 'several masters are configured: say which one with master = "NAME"')
+
+
+def _forward(path: Path, index: int, table: Any, targets: list[str]) -> ForwardConfig:
+    where = f"[[forward]] #{index + 1}"
+    if not isinstance(table, dict):
+        raise _fail(path, where, "must be a table")
+    unknown = sorted(set(table) - {"listen", "master"})
+    if unknown:
+        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: listen, master)")
+    listen = table.get("listen")
+    if isinstance(listen, int) and not isinstance(listen, bool):
+        listen = str(listen)
+    if not isinstance(listen, str) or not listen:
+        raise _fail(path, where, 'listen must be "PORT" or "HOST:PORT" (127.0.0.1 unless HOST is given)')
+    try:
+        host, port = parse_address(f"127.0.0.1:{listen}" if listen.isdigit() else listen, default_port=None)
+    except ValueError as e:
+        raise _fail(path, where, f'listen must be "PORT" or "HOST:PORT": {e}') from None
+    interface = host.replace(":", "\\:")
+    return ForwardConfig(
+        listen=f"tcp:{port}:interface={interface}",
+        address=f"[{host}]:{port}" if ":" in host else f"{host}:{port}",
+        master=_target(path, where, table, targets),
+    )
 
 
 def _expand(path: Path, where: str, table: Any) -> list[tuple[str, dict[str, Any]]]:
@@ -373,11 +418,11 @@ def load(path: str | Path) -> LauncherConfig:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"master", "cluster", "worker", "workers", "control_socket"})
+    unknown = sorted(set(data) - {"master", "cluster", "worker", "workers", "forward", "control_socket"})
     if unknown:
         raise ConfigError(
             f"{path}: unknown key or section {unknown[0]!r}"
-            " (known: control_socket, [master], [cluster], [[worker]], [[workers]])"
+            " (known: control_socket, [master], [cluster], [[worker]], [[workers]], [[forward]])"
         )
     control = _str(path, "control_socket", data, "control_socket")
     raw = data.get("master", [])
@@ -399,8 +444,12 @@ def load(path: str | Path) -> LauncherConfig:
     for i, table in enumerate(data.get("workers", [])):
         where = f"[[workers]] #{i + 1}"
         workers += [_worker(path, i, t, targets, f"{where} ({p!r})") for p, t in _expand(path, where, table)]
-    if not workers:
-        raise ConfigError(f"{path}: no [[worker]] or [[workers]] tables: nothing to run")
+    forwards = [_forward(path, i, t, targets) for i, t in enumerate(data.get("forward", []))]
+    listens = [f.listen for f in forwards]
+    if len(set(listens)) != len(listens):
+        raise ConfigError(f"{path}: two [[forward]] tables listen on the same address")
+    if not workers and not forwards:
+        raise ConfigError(f"{path}: no [[worker]], [[workers]] or [[forward]] tables: nothing to run")
     names = [w.name for w in workers]
     duplicates = sorted({n for n in names if names.count(n) > 1})
     if duplicates:
@@ -410,5 +459,6 @@ def load(path: str | Path) -> LauncherConfig:
         masters=tuple(masters_list),
         workers=tuple(workers),
         clusters=tuple(clusters),
+        forwards=tuple(forwards),
         control_socket=path.parent / control if control else None,
     )

@@ -11,7 +11,8 @@ from twisted.logger import Logger
 
 from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.wire.keys import load_private_key
-from buildbot_sshmux.worker.config import LauncherConfig, MasterConfig, WorkerConfig
+from buildbot_sshmux.worker.config import ForwardConfig, LauncherConfig, MasterConfig, WorkerConfig
+from buildbot_sshmux.worker.forward import Forward, ForwardService
 from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
 from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer
 from buildbot_sshmux.worker.session import WorkerSession
@@ -82,6 +83,9 @@ class Launcher(service.MultiService):
             self._add_link(master, _link(master, reactor, config.path))
         for worker in config.workers:
             self._add_session(worker)
+        self.forwards: dict[str, ForwardService] = {}
+        for forward in config.forwards:
+            self._add_forward(forward)
 
     # -- building ------------------------------------------------------------
 
@@ -95,13 +99,9 @@ class Launcher(service.MultiService):
         return [(self.links[m], by_name[m].weight, by_name[m].pb_port) for m in members]
 
     def _add_session(self, worker: WorkerConfig) -> WorkerSession:
-        endpoint: Any
-        if worker.master in {c.name for c in self.config.clusters}:
-            endpoint = ClusterEndpoint(self._members(worker.master), worker.name)
+        endpoint = self._endpoint_to(worker.master, worker.name)
+        if isinstance(endpoint, ClusterEndpoint):
             self.cluster_endpoints[worker.name] = endpoint
-        else:
-            master = next(m for m in self.config.masters if m.name == worker.master)
-            endpoint = ChannelEndpoint(self.links[worker.master], master.pb_port, worker.name)
         session = WorkerSession(
             worker.name,
             worker.password,
@@ -117,6 +117,18 @@ class Launcher(service.MultiService):
         session.setServiceParent(self.session_group)
         self.sessions[worker.name] = session
         return session
+
+    def _endpoint_to(self, target: str, label: str) -> Any:
+        if target in {c.name for c in self.config.clusters}:
+            return ClusterEndpoint(self._members(target), label)
+        master = next(m for m in self.config.masters if m.name == target)
+        return ChannelEndpoint(self.links[target], master.pb_port, label)
+
+    def _add_forward(self, forward: ForwardConfig) -> None:
+        endpoint = self._endpoint_to(forward.master, f"forward {forward.address}")
+        listener = ForwardService(self.reactor, forward.listen, Forward(endpoint, forward.address))
+        listener.setServiceParent(self.session_group)
+        self.forwards[forward.listen] = listener
 
     def placed(self) -> list[tuple[WorkerSession, ClusterEndpoint]]:
         """The sessions of a cluster, with their endpoints (for the Rebalancer)."""
@@ -146,6 +158,12 @@ class Launcher(service.MultiService):
                 return worker.master not in old_clusters
             return worker.master in changed_masters
 
+        def target_changed_forward(forward: ForwardConfig) -> bool:
+            cluster = new_clusters.get(forward.master)
+            return forward.master in changed_masters or (
+                cluster is not None and old_clusters.get(forward.master) != cluster
+            )
+
         stop = [
             n for n, w in old_workers.items() if new_workers.get(n) != w or target_changed(new_workers[n])
         ]
@@ -168,6 +186,19 @@ class Launcher(service.MultiService):
                 endpoint.update(self._members(new_workers[name].master))
         for worker in start:
             self._add_session(worker)
+        old_forwards = {f.listen: f for f in old.forwards}
+        new_forwards = {f.listen: f for f in new.forwards}
+        redo = {
+            listen
+            for listen, f in old_forwards.items()
+            if new_forwards.get(listen) != f or target_changed_forward(f)
+        }
+        yield defer.gatherResults(
+            [defer.maybeDeferred(self.forwards.pop(listen).disownServiceParent) for listen in redo]
+        )
+        for listen, forward in new_forwards.items():
+            if listen not in old_forwards or listen in redo:
+                self._add_forward(forward)
         summary = {
             "sessions_started": sorted(w.name for w in start if w.name not in stop),
             "sessions_stopped": sorted(n for n in stop if n not in new_workers),
@@ -292,7 +323,21 @@ class Launcher(service.MultiService):
                     else {"text": refusal[0], "ago_s": round(now - refusal[1], 1)},
                 }
             )
-        return {"config": str(self.config.path), "pid": os.getpid(), "masters": masters, "sessions": sessions}
+        forwards = [
+            {
+                "listen": f.forward.description,
+                "listening": f.port is not None,
+                "connections": f.forward.active,
+            }
+            for f in self.forwards.values()
+        ]
+        return {
+            "config": str(self.config.path),
+            "pid": os.getpid(),
+            "masters": masters,
+            "sessions": sessions,
+            "forwards": forwards,
+        }
 
 
 def _rtt(keepalive: Any) -> dict[str, float | None]:

@@ -367,3 +367,41 @@ class CompactWorkersTests(TestCase):
         message = self.error(MANY)
         self.assertIn(f"{self.path}:7: [[workers]] #1 ('gtk') worker 'gtk-debian-sid'", message)
         self.assertIn("password_file", message)
+
+
+class ForwardConfigTests(TestCase):
+    def setUp(self) -> None:
+        self.path = scratch_dir(self) / "ssh-worker.toml"
+
+    def load(self, text: str) -> launcher_config.LauncherConfig:
+        self.path.write_text(textwrap.dedent(text), encoding="utf-8")
+        return launcher_config.load(self.path)
+
+    def forward(self, listen: str) -> str:
+        return ONE_MASTER + f"\n[[forward]]\nlisten = {listen}\n"
+
+    def test_a_port_alone_listens_on_loopback_only(self) -> None:
+        [forward] = self.load(self.forward('"9989"')).forwards
+        self.assertEqual(
+            (forward.listen, forward.address), ("tcp:9989:interface=127.0.0.1", "127.0.0.1:9989")
+        )
+        [forward] = self.load(self.forward("9989")).forwards
+        self.assertEqual(forward.listen, "tcp:9989:interface=127.0.0.1")
+
+    def test_another_address_only_when_the_config_names_it(self) -> None:
+        [forward] = self.load(self.forward('"0.0.0.0:9990"')).forwards
+        self.assertEqual(forward.listen, "tcp:9990:interface=0.0.0.0")
+        [forward] = self.load(self.forward('"[::1]:9990"')).forwards
+        self.assertEqual((forward.listen, forward.address), ("tcp:9990:interface=\\:\\:1", "[::1]:9990"))
+
+    def test_a_forward_alone_is_a_config_and_mistakes_are_named(self) -> None:
+        text = ONE_MASTER.split("[[worker]]")[0] + '\n[[forward]]\nlisten = "9989"\n'
+        self.assertEqual(len(self.load(text).forwards), 1)
+        for listen, fragment in [('"x:0"', "the port must be a number"), ('""', 'listen must be "PORT"')]:
+            with self.assertRaises(ConfigError) as caught:
+                self.load(self.forward(listen))
+            self.assertIn(f"{self.path}:13: [[forward]] #1", str(caught.exception))
+            self.assertIn(fragment, str(caught.exception))
+        with self.assertRaises(ConfigError) as caught:
+            self.load(self.forward('"9989"') + '\n[[forward]]\nlisten = "127.0.0.1:9989"\n')
+        self.assertIn("listen on the same address", str(caught.exception))
