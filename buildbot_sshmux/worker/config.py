@@ -30,6 +30,10 @@ whose every connection is one channel on the shared SSH connection::
     listen = "9989"          # their buildbot.tac says localhost:9989
     master = "gnome"         # optional with one master or cluster
 
+Behind an HTTP proxy, a master (or cluster) table says ``proxy =
+"http://[user:password@]host:port"``, or ``proxy = "env"`` to follow
+``https_proxy``/``all_proxy`` and ``no_proxy`` as curl does.
+
 ``control_socket = "PATH"`` (at the top, before any table) is where the
 running launcher answers ``ssh-worker status``, ``reload`` and ``stop``; by
 default the config's name with ``.sock`` beside it.
@@ -64,6 +68,7 @@ from buildbot_sshmux.errors import ConfigError
 from buildbot_sshmux.wire import defaults
 from buildbot_sshmux.wire.address import parse_address
 from buildbot_sshmux.wire.liveness import Liveness
+from buildbot_sshmux.wire.proxy import ProxyURL
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -72,7 +77,7 @@ else:  # pragma: no cover
 
 MASTER_KEYS = {
     "name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file",
-    "pb_port", "username", *fields_dict(Liveness),
+    "pb_port", "username", "proxy", *fields_dict(Liveness),
 }  # fmt: skip
 WORKER_KEYS = {
     "name", "password", "password_file", "basedir", "master", "keepalive", "umask", "numcpus",
@@ -117,6 +122,7 @@ class MasterConfig:
     pb_port: int = defaults.PB_PORT
     username: str = defaults.SSH_USERNAME
     liveness: Liveness = Liveness()
+    proxy: str | None = None  # an HTTP CONNECT proxy URL, or "env" for the *_proxy variables
     cluster: str | None = None  # the [cluster] this master is one of
     weight: float = 1.0  # its share of the cluster's sessions
 
@@ -258,9 +264,21 @@ def _master(path: Path, index: int, table: Any, single: bool, where: str = "") -
         liveness=Liveness(
             **{key: _int(path, where, table, key, _default(Liveness, key)) for key in LIVENESS_KEYS}
         ),
+        proxy=_proxy(path, where, table),
         cluster=table.get("cluster"),
         weight=table.get("weight", 1.0),
     )
+
+
+def _proxy(path: Path, where: str, table: dict[str, Any]) -> str | None:
+    proxy = _str(path, where, table, "proxy")
+    if proxy is None or proxy == "env":
+        return proxy
+    try:
+        ProxyURL.parse(proxy)
+    except ValueError as e:
+        raise _fail(path, where, f'{e}, or "env" (https_proxy, all_proxy, no_proxy)') from None
+    return proxy
 
 
 def _cluster(path: Path, table: Any) -> tuple[ClusterConfig, list[MasterConfig]]:

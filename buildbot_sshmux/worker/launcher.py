@@ -11,6 +11,7 @@ from twisted.logger import Logger
 
 from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.wire.keys import load_private_key
+from buildbot_sshmux.wire.proxy import HTTPConnectEndpoint, ProxyURL, proxy_from_environment
 from buildbot_sshmux.worker.config import ForwardConfig, LauncherConfig, MasterConfig, WorkerConfig
 from buildbot_sshmux.worker.forward import Forward, ForwardService
 from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
@@ -44,10 +45,32 @@ def _link(master: MasterConfig, reactor: Any, config_path: Any) -> MasterLink:
             f" or SHA256: fingerprint ({e})"
         ) from None
     link = MasterLink(
-        reactor, master.host, master.port, identity, pins, username=master.username, liveness=master.liveness
+        reactor,
+        master.host,
+        master.port,
+        identity,
+        pins,
+        username=master.username,
+        liveness=master.liveness,
+        endpoint=_proxied(reactor, master),
     )
     link.setName(f"link {master.name}")
     return link
+
+
+def _proxied(reactor: Any, master: MasterConfig) -> HTTPConnectEndpoint | None:
+    """The way to the master through its proxy, if it has one."""
+    url = proxy_from_environment(master.host) if master.proxy == "env" else master.proxy
+    if not url:
+        return None
+    try:
+        proxy = ProxyURL.parse(url)
+    except ValueError as e:
+        raise ConfigError(
+            f"master {master.name}: the proxy from the environment is not usable: {e}"
+        ) from None
+    log.info("master {master}: through proxy {proxy}", master=master.name, proxy=proxy.display)
+    return HTTPConnectEndpoint(reactor, proxy, master.host, master.port)
 
 
 class Launcher(service.MultiService):
