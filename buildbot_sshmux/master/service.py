@@ -35,6 +35,7 @@ from buildbot_sshmux.errors import KeyFileError
 from buildbot_sshmux.master import authorized_hosts
 from buildbot_sshmux.master.authorized_hosts import HostEntry
 from buildbot_sshmux.master.limits import ServerLimits, StartupGate
+from buildbot_sshmux.master.orphans import OrphanedClaims
 from buildbot_sshmux.master.pbinput import PBInputLimits
 from buildbot_sshmux.master.server import PBUnavailable, SSHMuxFactory
 from buildbot_sshmux.wire.channel import FlowLimits
@@ -264,6 +265,7 @@ class SSHMuxService(service.BuildbotService):
         self.factory.startup_gate = StartupGate(*server_limits.max_startups)
         self._listen_args = listen_args
         self._port = str(port)
+        yield OrphanedClaims.follow_config(self)  # a cluster: release what dead masters hold
 
     @defer.inlineCallbacks
     def startService(self) -> Any:
