@@ -107,7 +107,7 @@ class _Tunnel(protocol.Protocol):
             self._refuse(f"its answer is not HTTP ({status_line[:80]!r})")
             return
         if not parts[1].startswith("2"):
-            hint = "; check the user and password in proxy =" if parts[1] == "407" else ""
+            hint = "; check the user and password in proxy =" if parts[1] in ("401", "407") else ""
             self._refuse(f"it answered {status_line[:120]!r}{hint}")
             return
         if self.timer.active():

@@ -405,3 +405,23 @@ class ForwardConfigTests(TestCase):
         with self.assertRaises(ConfigError) as caught:
             self.load(self.forward('"9989"') + '\n[[forward]]\nlisten = "127.0.0.1:9989"\n')
         self.assertIn("listen on the same address", str(caught.exception))
+
+
+class ProxyConfigTests(TestCase):
+    def setUp(self) -> None:
+        self.path = scratch_dir(self) / "ssh-worker.toml"
+
+    def load(self, proxy: str) -> launcher_config.LauncherConfig:
+        self.path.write_text(ONE_MASTER.replace("[master]\n", f"[master]\nproxy = {proxy}\n", 1))
+        return launcher_config.load(self.path)
+
+    def test_a_url_or_the_environment(self) -> None:
+        self.assertEqual(self.load('"http://ci:pw@proxy:3128"').masters[0].proxy, "http://ci:pw@proxy:3128")
+        self.assertEqual(self.load('"env"').masters[0].proxy, "env")
+
+    def test_a_bad_proxy_names_the_line_and_says_what_is_accepted(self) -> None:
+        with self.assertRaises(ConfigError) as caught:
+            self.load('"socks5://proxy:1080"')
+        message = str(caught.exception)
+        self.assertIn(f"{self.path}:2: [master]: proxy must be http://", message)
+        self.assertIn('or "env"', message)
