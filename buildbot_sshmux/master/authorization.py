@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.cred import checkers, error, portal
@@ -61,6 +62,7 @@ class WorkerLogin:
         # the login completes, so that exchange is no longer bounded as a login.
         self.authenticated = False
         self.portal = portal.Portal(_HostRealm(self), [_HostChecker(self)])
+        self.on_attached: Callable[[str, HostEntry, str], object] | None = None
 
     def refuse(self, credentials: Any) -> str | None:
         """Why this host may not log in with ``credentials``, logged; None if it may."""
@@ -131,7 +133,10 @@ class _HostRealm:
 
         def attached(result: Any) -> Any:
             login.worker_name = worker_name_of(avatarId)
-            return self._logout_if_gone(result, mind, login.worker_name)
+            result = self._logout_if_gone(result, mind, login.worker_name)
+            if login.on_attached is not None:  # Buildbot has attached it: say how it came in
+                login.on_attached(login.worker_name, login.entry, login.peer)
+            return result
 
         def refused(failure: Any) -> Any:
             login.authenticated = False  # e.g. Buildbot refuses a worker attached already

@@ -233,6 +233,7 @@ class HostAvatar(ConchUser):
             "TCP", getattr(peer, "host", "?"), getattr(peer, "port", 0), ssh_host=self.entry.name
         )
         login = WorkerLogin(pb_portal, self.entry, f"{address.host}:{address.port}")
+        login.on_attached = self.server.on_worker_attached
         pb_factory = pb.PBServerFactory(login.portal, unsafeTracebacks=unsafe_tracebacks)
         protocol = pb_factory.buildProtocol(address)
         local = ChannelAddress("TCP", "127.0.0.1", pb_port, ssh_host=self.entry.name)
@@ -802,6 +803,7 @@ class SSHMuxFactory(factory.SSHFactory):
         self.entries = entries
         self.connections: set[MuxServerTransport] = set()
         self.draining = False  # the master is stopping once its builds end
+        self.on_worker_attached: Callable[[str, HostEntry, str], object] | None = None
         self.peer_logs = PeerLogs(log, reactor)
         self.drop_logs = PeerLogs(log, reactor)
         self.realm = HostRealm(self)

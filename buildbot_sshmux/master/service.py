@@ -38,6 +38,7 @@ from buildbot_sshmux.master.limits import ServerLimits, StartupGate
 from buildbot_sshmux.master.orphans import OrphanedClaims
 from buildbot_sshmux.master.pbinput import PBInputLimits
 from buildbot_sshmux.master.server import PBUnavailable, SSHMuxFactory
+from buildbot_sshmux.master.workerinfo import note_ssh_origin
 from buildbot_sshmux.wire.channel import FlowLimits
 from buildbot_sshmux.wire.defaults import PB_PORT, SSH_PORT
 from buildbot_sshmux.wire.keys import fingerprint, load_private_key
@@ -257,6 +258,7 @@ class SSHMuxService(service.BuildbotService):
             self.factory = SSHMuxFactory(
                 loaded_keys, lambda: self.entries, self.pb_lookup, self.master.reactor
             )
+            self.factory.on_worker_attached = lambda *a: note_ssh_origin(self.master, *a)
             if self.running:
                 yield self._start_listening(str(port))
         # New limits apply to new connections and channels.

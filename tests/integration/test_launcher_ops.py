@@ -17,10 +17,11 @@ import subprocess
 import sys
 import tempfile
 from pathlib import Path
+from typing import Any
 from unittest import SkipTest
 
 from buildbot.process.results import SUCCESS
-from twisted.internet import defer, reactor, utils
+from twisted.internet import defer, reactor, task, utils
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.demo import harness as T
@@ -237,3 +238,35 @@ class UnitFileTests(TestCase):
             for line in ["Type=notify", "ExecReload=/bin/kill -HUP $MAINPID", "NoNewPrivileges=yes",
                          "ProtectSystem=strict", "Restart=on-failure", "KillSignal=SIGUSR1", "KillMode=mixed"]:  # fmt: skip
                 self.assertIn(line, text, unit.name)
+
+
+class WorkerInfoTests(LauncherOpsTestCase):
+    def test_worker_info_says_which_ssh_host_and_key(self) -> defer.Deferred[None]:
+        return defer.ensureDeferred(self._info())
+
+    async def _info(self) -> None:
+        self.make_site([HOST])
+        master = await self.start_master(PROJECTS, [HOST])
+        names = self.worker_names()
+        self.launch(HOST, names)
+        await self.wait_attached(names)
+        fingerprint = S.host_fingerprint(self.site, HOST)
+        infos: dict[str, Any] = {}
+
+        async def read() -> None:
+            for name in names:
+                worker = await master.data.get(("workers", master.workers.workers[name].workerid))
+                infos[name] = worker["workerinfo"]
+
+        async def noted() -> bool:
+            await read()
+            return all(i.get("ssh_key") == fingerprint for i in infos.values())
+
+        for _ in range(100):
+            if await noted():
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        info = infos[names[0]]
+        self.assertEqual((info.get("ssh_host"), info.get("ssh_key")), (HOST, fingerprint), info)
+        self.assertTrue(info["ssh_address"].startswith("127.0.0.1:"), info)
+        self.assertIn("version", info)  # Buildbot's own keys are kept
