@@ -5,9 +5,14 @@ from __future__ import annotations
 import argparse
 import re
 import sys
+import warnings
 from typing import Any
 
 from buildbot_sshmux.errors import SSHMuxError
+
+# Twisted 24.11's Conch names TripleDES, which cryptography 48+ deprecates: a
+# warning on every command that a user can do nothing about (Twisted 25 is quiet).
+warnings.filterwarnings("ignore", message=r".*TripleDES", module=r"twisted\.conch\.ssh\.transport")
 
 
 def plain(doc: str | None) -> str:

@@ -34,11 +34,12 @@ HOST = "hosta"
 
 
 async def ssh_worker(*args: str) -> tuple[int, str]:
-    """Run ``ssh-worker ARGS`` as an operator would; (exit code, stdout + stderr)."""
+    """Run ``ssh-worker ARGS`` as an operator would; (exit code, stdout + stderr),
+    or only stdout with ``--json`` (what a script parses)."""
     out, err, code = await utils.getProcessOutputAndValue(
         sys.executable, ["-m", "buildbot_sshmux.cli.ssh_worker", *args], env=dict(os.environ)
     )
-    return code, (out + err).decode()
+    return code, (out if "--json" in args else out + err).decode()
 
 
 class LauncherOpsTestCase(LauncherTestCase):
