@@ -17,6 +17,12 @@
 running launcher answers ``ssh-worker status``, ``reload`` and ``stop``; by
 default the config's name with ``.sock`` beside it.
 
+``metrics = "127.0.0.1:9102"`` (at the top too; or a port number, on
+127.0.0.1, or a strports description) serves Prometheus metrics at
+``/metrics`` (`buildbot_sshmux.worker.metrics`); it needs prometheus_client
+(``pip install 'buildbot-sshmux[worker,metrics]'``).  Both are read when the
+launcher starts; a reload does not move them.
+
 Several masters: write ``[[master]]`` tables with a ``name`` each, and give
 every worker ``master = "NAME"``.
 
@@ -43,8 +49,9 @@ from typing import Any
 
 from attrs import fields_dict, frozen
 
-from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.errors import ConfigError, SSHMuxError
 from buildbot_sshmux.wire import defaults
+from buildbot_sshmux.wire import metrics as metrics_http
 from buildbot_sshmux.wire.address import parse_address
 from buildbot_sshmux.wire.liveness import Liveness
 
@@ -111,6 +118,7 @@ class LauncherConfig:
     workers: tuple[WorkerConfig, ...]
     clusters: tuple[ClusterConfig, ...] = ()
     control_socket: Path | None = None  # where `ssh-worker status` finds the running launcher
+    metrics: str | None = None  # where to serve Prometheus metrics (a strports description)
 
     @property
     def control_path(self) -> Path:
@@ -322,12 +330,14 @@ def load(path: str | Path) -> LauncherConfig:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"master", "cluster", "worker", "control_socket"})
+    unknown = sorted(set(data) - {"master", "cluster", "worker", "control_socket", "metrics"})
     if unknown:
         raise ConfigError(
-            f"{path}: unknown key or section {unknown[0]!r} (known: control_socket, [master], [cluster], [[worker]])"
+            f"{path}: unknown key or section {unknown[0]!r}"
+            " (known: control_socket, metrics, [master], [cluster], [[worker]])"
         )
     control = _str(path, "control_socket", data, "control_socket")
+    metrics = _metrics(path, data)
     raw = data.get("master", [])
     if not raw and "cluster" not in data:
         raise ConfigError(f"{path}: no [master] or [cluster] section")
@@ -356,4 +366,19 @@ def load(path: str | Path) -> LauncherConfig:
         workers=tuple(workers),
         clusters=tuple(clusters),
         control_socket=path.parent / control if control else None,
+        metrics=metrics,
     )
+
+
+def _metrics(path: Path, data: dict[str, Any]) -> str | None:
+    if "metrics" not in data:
+        return None
+    try:
+        description = metrics_http.listen_description(data["metrics"])
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        metrics_http.require()
+    except SSHMuxError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return description

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Hashable
 from typing import Any
 
 from twisted.application import service
@@ -78,6 +80,8 @@ class Launcher(service.MultiService):
         self.rebalancer.setServiceParent(self.session_group)
         self.stopping_gracefully = False
         self._graceful_timer: Any = None
+        # Events so far, for the metrics: ("logins_refused", kind), "moves".
+        self.counters: Counter[Hashable] = Counter()
         for master in config.masters:
             self._add_link(master, _link(master, reactor, config.path))
         for worker in config.workers:
@@ -97,7 +101,7 @@ class Launcher(service.MultiService):
     def _add_session(self, worker: WorkerConfig) -> WorkerSession:
         endpoint: Any
         if worker.master in {c.name for c in self.config.clusters}:
-            endpoint = ClusterEndpoint(self._members(worker.master), worker.name)
+            endpoint = ClusterEndpoint(self._members(worker.master), worker.name, self.counters)
             self.cluster_endpoints[worker.name] = endpoint
         else:
             master = next(m for m in self.config.masters if m.name == worker.master)
@@ -110,6 +114,7 @@ class Launcher(service.MultiService):
             self.reactor,
             keepalive=worker.keepalive,
             umask=worker.umask,
+            counters=self.counters,
         )
         session.on_stopped_by_master = self._session_gone
         session.setServiceParent(self.session_group)
