@@ -6,11 +6,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from buildbot_sshmux.cli import add_version, hosts, plain, run
 from buildbot_sshmux.errors import SSHMuxError
 from buildbot_sshmux.wire.address import parse_address
-from buildbot_sshmux.wire.defaults import EXAMPLE_HOST, PB_PORT, SSH_PORT
+from buildbot_sshmux.wire.defaults import EXAMPLE_HOST, MASTER_CONTROL_SOCKET, PB_PORT, SSH_PORT
 
 SNIPPET = """\
 from buildbot_sshmux import SSHMuxService
@@ -90,6 +91,129 @@ def cmd_hostkey(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    import json
+
+    from buildbot_sshmux.wire import control
+
+    basedir = Path(args.basedir)
+    if not basedir.is_dir():
+        raise SSHMuxError(f"{basedir} is not a directory; give the Buildbot master's basedir")
+    path = Path(basedir, os.path.expanduser(args.socket))
+    try:
+        status = control.request(path, "GET", "status")
+    except control.NotRunning as e:
+        why = str(e).removeprefix("nothing is running: ")
+        raise SSHMuxError(f"no master is running in {basedir} ({why})") from None
+    if args.json:
+        print(json.dumps(status, indent=1, sort_keys=True))
+    else:
+        print(format_status(status))
+    return 1 if status["not_connected"] else 0
+
+
+def _size(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    raise AssertionError("unreachable")
+
+
+def _duration(seconds: float) -> str:
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def _both_ways(pair: dict[str, str | None]) -> str:
+    if pair["in"] == pair["out"]:
+        return f"{pair['in']} both ways"
+    return f"{pair['in']} in, {pair['out']} out"
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{reason} {n}" for reason, n in sorted(counts.items(), key=lambda c: (-c[1], c[0])))
+
+
+def format_status(status: dict[str, Any]) -> str:
+    """``buildbot-sshmux status`` as text: the master, each connected host, then the others."""
+    import time
+
+    keys = ", ".join(status["host_keys"]) or "none"
+    draining = "; DRAINING (a clean shutdown: hosts move their sessions)" if status["draining"] else ""
+    lines = [
+        f"master {status['basedir']} (pid {status['pid']}): SSH on {status['listening'] or 'no port'},"
+        f" host key {keys}{draining}",
+        f"hosts connected: {len(status['hosts'])}"
+        + (
+            f" ({status['connections_not_logged_in']} connections not logged in yet)"
+            if status["connections_not_logged_in"]
+            else ""
+        ),  # fmt: skip
+    ]
+    for h in status["hosts"]:
+        since = time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime(h["connected_since"]))
+        lines.append(f"host {h['name']} ({h['fingerprint']}) from {h['address']}"
+                     + (" (REPLACED: closing)" if h["replaced"] else ""))  # fmt: skip
+        lines.append(f"  connected since {since} ({_duration(h['connected_for_s'])}); {h['client_version']}")
+        lines.append(
+            f"  kex {h['kex']}, host key {h['host_key_algorithm']}, cipher {_both_ways(h['cipher'])},"
+            f" mac {_both_ways(h['mac'])}"
+        )
+        rtt = h["keepalive_rtt_ms"]
+        keepalive = (
+            f"keepalive rtt {rtt['last']:.1f} ms (median {rtt['median']:.1f})"
+            if rtt["last"] is not None
+            else "no keepalive answered yet"
+        )
+        rekey = (
+            f"{h['rekeys']} rekeys, the last {_duration(h['last_rekey_ago_s'])} ago"
+            if h["last_rekey_ago_s"] is not None
+            else "no rekey yet"
+        )
+        backlog = f", {_size(h['backlog_bytes'])} held" if h["backlog_bytes"] else ""
+        lines.append(
+            f"  {_size(h['bytes']['received'])} received, {_size(h['bytes']['sent'])} sent{backlog};"
+            f" {keepalive}; {rekey}"
+        )
+        sessions = h["sessions"]
+        states = {state: sum(1 for s in sessions if s["state"] == state)
+                  for state in ("attached", "logging in", "refused")}  # fmt: skip
+        summary = ", ".join(f"{n} {state}" for state, n in states.items() if n) or "none"
+        lines.append(f"  sessions: {summary}")
+        width = max((len(s["worker"] or "?") for s in sessions), default=0)
+        for s in sessions:
+            extra = ""
+            if s["reason"] is not None:
+                ago = f", {_duration(s['ago_s'])} ago" if s["ago_s"] is not None else ""
+                extra = f" ({s['reason']}{ago})"
+            lines.append(f"    {(s['worker'] or '?').ljust(width)}  {s['state']}{extra}")
+        if h["refusals_last_hour"]:
+            lines.append(f"  refusals in the last hour: {_reasons(h['refusals_last_hour'])}")
+    lines.append(f"authorized, not connected: {len(status['not_connected'])}")
+    for e in status["not_connected"]:
+        seen = e["last_seen"]
+        when = (f"last connected {_duration(seen['ago_s'])} ago from {seen['address']}"
+                if seen is not None else "not connected since the master started")  # fmt: skip
+        refusals = (
+            f"; refusals in the last hour: {_reasons(e['refusals_last_hour'])}"
+            if e["refusals_last_hour"]
+            else ""
+        )
+        lines.append(f"  {e['name']} ({e['fingerprint']}) workers={','.join(e['workers'])}; {when}{refusals}")
+    total = status["refusals_last_hour"]
+    lines.append(
+        f"refusals in the last hour, all hosts and unknown keys: {_reasons(total) if total else 'none'}"
+    )
+    return "\n".join(lines)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     """``buildbot-sshmux demo [OPTIONS]``: every argument goes to the demo's own parser."""
     from buildbot_sshmux.demo import run as demo
@@ -113,6 +237,18 @@ def parser() -> argparse.ArgumentParser:
         "--key", action="append", default=[], help="a host key file (default: all in BASEDIR/sshmux)"
     )
     hostkey.set_defaults(func=cmd_hostkey)
+    status = sub.add_parser(
+        "status", help="what the running master's SSH server knows: each host, its sessions, refusals"
+    )
+    status.add_argument("basedir", help="the Buildbot master's basedir")
+    status.add_argument("--json", action="store_true", help="print JSON (SSHMuxService.status())")
+    status.add_argument(
+        "--socket",
+        default=MASTER_CONTROL_SOCKET,
+        help=f"the master's control socket, relative to BASEDIR (default {MASTER_CONTROL_SOCKET})"
+        " or absolute: SSHMuxService(control_socket=...)",
+    )
+    status.set_defaults(func=cmd_status)
     hosts.add_parsers(sub)
     # The demo's own parser (buildbot_sshmux.demo.run.parser) reads its options: -h, --projects,
     # --keep, and reports a bad one in one line, exit 2.  No argument can hold a NUL, so with

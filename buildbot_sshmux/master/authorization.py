@@ -52,11 +52,19 @@ class WorkerLogin:
     master's checker sees the password, and its realm is the master's.
     """
 
-    def __init__(self, master_portal: portal.Portal, entry: HostEntry, peer: str = "") -> None:
+    def __init__(
+        self,
+        master_portal: portal.Portal,
+        entry: HostEntry,
+        peer: str = "",
+        on_refused: Callable[[str | None, str], object] | None = None,
+    ) -> None:
         self.master_portal = master_portal  # Buildbot's (its Dispatcher's) portal
         self.entry = entry
         self.peer = peer  # "host:port" of the SSH connection, for the log
+        self.on_refused = on_refused  # told (worker name or None, reason) of each refused login
         self.worker_name: str | None = None  # once the login has completed
+        self.refused: tuple[str | None, str] | None = None  # the last refusal: (worker name, reason)
         # Once the master's checker has accepted the worker's password: Buildbot
         # attaches the worker (asks for its info, environment included) before
         # the login completes, so that exchange is no longer bounded as a login.
@@ -64,8 +72,15 @@ class WorkerLogin:
         self.portal = portal.Portal(_HostRealm(self), [_HostChecker(self)])
         self.on_attached: Callable[[str, HostEntry, str], object] | None = None
 
+    def note_refused(self, worker: str | None, reason: str) -> None:
+        """A login on this channel was refused (``reason``: a key of `stats.REASONS`)."""
+        self.refused = (worker, reason)
+        if self.on_refused is not None:
+            self.on_refused(worker, reason)
+
     def refuse(self, credentials: Any) -> str | None:
-        """Why this host may not log in with ``credentials``, logged; None if it may."""
+        """Why this host may not log in with ``credentials`` (a reason of
+        `stats.REASONS`), logged and counted; None if it may."""
         username = worker_name(credentials)
         where = f" from {self.peer}" if self.peer else ""
         if username is None:
@@ -78,7 +93,8 @@ class WorkerLogin:
                 where=where,
                 name=name,
             )
-            return "no usable worker name"
+            self.note_refused(None, "no_worker_name")
+            return "no_worker_name"
         if not self.entry.may_attach(username):
             log.warn(
                 "host {host} ({fingerprint}){where} may not attach worker {worker}"
@@ -89,7 +105,8 @@ class WorkerLogin:
                 worker=short_repr(username),
                 allowed=",".join(self.entry.workers),
             )
-            return "a worker name this host may not attach"
+            self.note_refused(username, "worker_not_allowed")
+            return "worker_not_allowed"
         return None
 
 
@@ -113,6 +130,7 @@ class _HostChecker:
 
         def refused(failure: Any) -> Any:
             if failure.check(error.UnauthorizedLogin) and not failure.check(RefusedLogin):
+                self.login.note_refused(worker_name(credentials), "bad_credentials")
                 raise RefusedLogin(*failure.value.args)  # Buildbot has logged its one line
             return failure
 
@@ -140,6 +158,7 @@ class _HostRealm:
 
         def refused(failure: Any) -> Any:
             login.authenticated = False  # e.g. Buildbot refuses a worker attached already
+            login.note_refused(worker_name_of(avatarId), "master_refused")
             return failure
 
         return d.addCallbacks(attached, refused)

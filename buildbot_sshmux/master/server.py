@@ -49,6 +49,7 @@ from buildbot_sshmux.master.limits import (
     StartupGate,
 )
 from buildbot_sshmux.master.pbinput import PBChannel, PBInputLimits
+from buildbot_sshmux.master.stats import ServerStats
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.wire.keys import fingerprint
 from buildbot_sshmux.wire.liveness import DRAINING_REQUEST, KEEPALIVE_REQUEST, Keepalive, Liveness
@@ -92,6 +93,9 @@ class PBUnavailable(Exception):
     """The master has no PB port to bridge to right now (the text says why)."""
 
 
+REFUSED_WORKERS_SHOWN_FOR = 3600.0
+"""Seconds a refused worker name stays in a host's sessions (unless it attaches)."""
+
 PBLookup = Callable[[], "tuple[int, portal.Portal, bool]"]
 """Return (PB port number, the dispatcher's portal, unsafeTracebacks), or raise PBUnavailable."""
 
@@ -102,9 +106,20 @@ class AuthorizedHostsChecker:
 
     credentialInterfaces = (credentials.ISSHPrivateKey,)
 
-    def __init__(self, entries: Callable[[], Iterable[HostEntry]], peer: str | None = None) -> None:
+    def __init__(
+        self,
+        entries: Callable[[], Iterable[HostEntry]],
+        peer: str | None = None,
+        on_refused: Callable[[str, str | None], object] | None = None,
+    ) -> None:
         self._entries = entries
         self._peer = peer
+        self._on_refused = on_refused  # (reason, host name or None): ServerStats.refused
+
+    def _refused(self, reason: str, entry: HostEntry | None) -> defer.Deferred[Any]:
+        if self._on_refused is not None:
+            self._on_refused(reason, entry.name if entry is not None else None)
+        return defer.fail(error.UnauthorizedLogin())
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
         where = f" from {self._peer}" if self._peer else ""
@@ -119,7 +134,7 @@ class AuthorizedHostsChecker:
                 fingerprint=offered,
                 where=where,
             )
-            return defer.fail(error.UnauthorizedLogin())
+            return self._refused("unknown_key", None)
         if self._peer is not None and not entry.allows_address(self._peer):
             # Logged whether or not the request is signed: a refused query is
             # never followed by a signed request, and OpenSSH signs straight
@@ -130,7 +145,7 @@ class AuthorizedHostsChecker:
                 fingerprint=entry.fingerprint,
                 where=where,
             )
-            return defer.fail(error.UnauthorizedLogin())
+            return self._refused("address_not_allowed", entry)
         algorithm = creds.algName
         if algorithm not in signature_algorithms(entry.key):
             # ssh-rsa signs with SHA-1: OpenSSH refuses it by default since 8.8.
@@ -144,7 +159,7 @@ class AuthorizedHostsChecker:
                 if algorithm == b"ssh-rsa"
                 else f"does not sign with a {entry.key.sshType().decode()} key",
             )
-            return defer.fail(error.UnauthorizedLogin())
+            return self._refused("signature_algorithm", entry)
         if creds.signature is None:
             return defer.fail(ValidPublicKey())
         try:
@@ -161,7 +176,7 @@ class AuthorizedHostsChecker:
                 fingerprint=entry.fingerprint,
                 where=where,
             )
-            return defer.fail(error.UnauthorizedLogin())
+            return self._refused("bad_signature", entry)
         return defer.succeed(entry)
 
 
@@ -175,11 +190,16 @@ def signature_algorithms(key: keys.Key) -> tuple[bytes, ...]:
 class HostAvatar(ConchUser):
     """A worker host logged in with its key; decides what its channels may be."""
 
+    max_refused_workers = 64
+
     def __init__(self, entry: HostEntry, server: SSHMuxFactory) -> None:
         super().__init__()
         self.entry = entry
         self.server = server
         self.conn: Any = None
+        # Worker names whose PB login was refused on this connection: name ->
+        # (reason, when), the latest last, at most max_refused_workers.
+        self.refused_workers: dict[str, tuple[str, float]] = {}
 
     def describe(self) -> str:
         peer = self.peer_address()
@@ -190,7 +210,9 @@ class HostAvatar(ConchUser):
         tcp = getattr(getattr(self.conn, "transport", None), "transport", None)
         return tcp.getPeer() if tcp is not None else None
 
-    def refuse(self, what: str, code: int) -> ConchError:
+    def refuse(self, what: str, code: int, reason: str) -> ConchError:
+        """Log and count (``reason``, of `stats.REASONS`) a refused channel or request."""
+        self.server.stats.refused(reason, self.entry.name)
         # ``what`` may quote the peer (a target host): keep it one short ASCII
         # line, for the log and for the reply (nothing the peer made large is echoed).
         what = quote(what, 200)
@@ -204,35 +226,47 @@ class HostAvatar(ConchUser):
         kind = channelType.decode("ascii", "replace")
         if channelType != b"direct-tcpip":
             raise self.refuse(
-                f"a {kind!r} channel (only direct-tcpip to the PB port)", OPEN_UNKNOWN_CHANNEL_TYPE
+                f"a {kind!r} channel (only direct-tcpip to the PB port)",
+                OPEN_UNKNOWN_CHANNEL_TYPE,
+                "channel_type",
             )
         try:
             (host, port), _origin = forwarding.unpackOpen_direct_tcpip(data)
         except Exception:
-            raise self.refuse("a malformed direct-tcpip request", OPEN_CONNECT_FAILED) from None
+            raise self.refuse(
+                "a malformed direct-tcpip request", OPEN_CONNECT_FAILED, "malformed_request"
+            ) from None
         try:
             pb_port, pb_portal, unsafe_tracebacks = self.server.pb_lookup()
         except PBUnavailable as e:
-            raise self.refuse(f"a channel to {host}:{port} ({e})", OPEN_CONNECT_FAILED) from None
+            raise self.refuse(
+                f"a channel to {host}:{port} ({e})", OPEN_CONNECT_FAILED, "pb_unavailable"
+            ) from None
         if port != pb_port or not is_loopback(host):
             raise self.refuse(
                 f"a channel to {host}:{port} (only localhost:{pb_port}, the PB port, is allowed)",
                 OPEN_ADMINISTRATIVELY_PROHIBITED,
+                "target",
             )
         open_channels = len(self.pb_channels())
         limit = self.entry.max_channels
         if limit is not None and open_channels >= limit:
-            raise self.refuse(f"a channel beyond its max-channels={limit}", OPEN_RESOURCE_SHORTAGE)
+            raise self.refuse(
+                f"a channel beyond its max-channels={limit}", OPEN_RESOURCE_SHORTAGE, "host_max_channels"
+            )
         if open_channels >= self.server.limits.max_channels:
             raise self.refuse(
                 f"a channel beyond max_channels={self.server.limits.max_channels} per connection",
                 OPEN_RESOURCE_SHORTAGE,
+                "max_channels",
             )
         peer = self.peer_address()
         address = ChannelAddress(
             "TCP", getattr(peer, "host", "?"), getattr(peer, "port", 0), ssh_host=self.entry.name
         )
-        login = WorkerLogin(pb_portal, self.entry, f"{address.host}:{address.port}")
+        login = WorkerLogin(
+            pb_portal, self.entry, f"{address.host}:{address.port}", on_refused=self.login_refused
+        )
         login.on_attached = self.server.on_worker_attached
         pb_factory = pb.PBServerFactory(login.portal, unsafeTracebacks=unsafe_tracebacks)
         protocol = pb_factory.buildProtocol(address)
@@ -253,6 +287,57 @@ class HostAvatar(ConchUser):
         )
         log.debug("PB channel opened for {who}", who=self.describe())
         return channel
+
+    def login_refused(self, worker: str | None, reason: str) -> None:
+        """A PB login on one of this host's channels was refused (``reason``, of `stats.REASONS`)."""
+        self.server.stats.refused(reason, self.entry.name)
+        if worker is not None:
+            self.refused_workers.pop(worker, None)
+            self.refused_workers[worker] = (reason, self.server.reactor.seconds())
+            while len(self.refused_workers) > self.max_refused_workers:
+                del self.refused_workers[next(iter(self.refused_workers))]
+
+    def sessions(self) -> list[dict[str, Any]]:
+        """Each PB channel's session, then the worker names refused lately and not attached now.
+
+        ``{"worker": name or None, "state": "attached" | "logging in" | "refused",
+        "reason": a refusal reason or None, "ago_s": seconds since the refusal or None}``.
+        """
+        now = self.server.reactor.seconds()
+        result = self.open_sessions()
+        named = {s["worker"] for s in result}
+        for worker, (reason, when) in self.refused_workers.items():
+            if worker not in named and now - when <= REFUSED_WORKERS_SHOWN_FOR:
+                result.append(
+                    {"worker": worker, "state": "refused", "reason": reason, "ago_s": round(now - when, 1)}
+                )
+        order = {"attached": 0, "logging in": 1, "refused": 2}
+        return sorted(result, key=lambda s: (order[s["state"]], s["worker"] or ""))
+
+    def open_sessions(self) -> list[dict[str, Any]]:
+        """The session of each open PB channel (as in `sessions`)."""
+        now = self.server.reactor.seconds()
+        result = []
+        for channel in self.pb_channels():
+            login = getattr(channel, "login", None)
+            if login is None:
+                continue
+            if login.worker_name is not None:
+                state, worker, reason = "attached", login.worker_name, None
+            elif login.refused is not None:
+                state, (worker, reason) = "refused", login.refused
+            else:
+                state, worker, reason = "logging in", None, None
+            refused_at = self.refused_workers.get(worker or "", (None, None))[1] if reason else None
+            result.append(
+                {
+                    "worker": worker,
+                    "state": state,
+                    "reason": reason,
+                    "ago_s": None if refused_at is None else round(now - refused_at, 1),
+                }
+            )
+        return result
 
     def pb_channels(self) -> list[ProtocolChannel]:
         channels = getattr(self.conn, "channels", {}).values()
@@ -279,7 +364,7 @@ class HostAvatar(ConchUser):
     def gotGlobalRequest(self, requestType: bytes, data: bytes) -> int:
         if requestType == KEEPALIVE_REQUEST:
             return 1
-        self.refuse(f"global request {requestType.decode('ascii', 'replace')!r}", 0)
+        self.refuse(f"global request {requestType.decode('ascii', 'replace')!r}", 0, "global_request")
         return 0
 
     def logout(self) -> None:
@@ -343,7 +428,7 @@ class MuxUserAuthServer(userauth.SSHUserAuthServer):
     def serviceStarted(self) -> None:
         super().serviceStarted()
         factory = self.transport.factory
-        checker = AuthorizedHostsChecker(factory.entries, self.transport.source)
+        checker = AuthorizedHostsChecker(factory.entries, self.transport.source, factory.stats.refused)
         self.portal = portal.Portal(factory.realm, [checker])
         self.supportedAuthentications = [b"publickey"]
         self.max_tries = factory.limits.max_auth_tries
@@ -401,6 +486,7 @@ class MuxUserAuthServer(userauth.SSHUserAuthServer):
             d = self.auth_publickey(rest)
         else:
             if method != b"none":
+                self.transport.factory.stats.refused("auth_method")
                 self.transport.peer_log.info(
                     "{peer}: refused {method!r} authentication (only publickey)",
                     peer=self.transport.describe_peer(),
@@ -431,6 +517,7 @@ class MuxUserAuthServer(userauth.SSHUserAuthServer):
         try:
             keys.Key.fromString(blob)
         except Exception:
+            self.transport.factory.stats.refused("unparsable_key")
             self.transport.peer_log.info(
                 "{peer}: refused a key of type {algorithm!r} that cannot be parsed",
                 peer=self.transport.describe_peer(),
@@ -453,6 +540,7 @@ class MuxUserAuthServer(userauth.SSHUserAuthServer):
         if self._stopped or reason.check(IgnoreAuthentication):
             return
         if reason.check(DuplicateConnection):
+            self.transport.factory.stats.refused("duplicate_connection", reason.value.live.avatar.entry.name)
             self.transport.sendDisconnect(
                 transport.DISCONNECT_TOO_MANY_CONNECTIONS,
                 str(reason.value).encode("ascii", "replace"),
@@ -481,8 +569,11 @@ class MuxServerConnection(FlowControlledConnection):
         self.limits = factory.flow
         super().serviceStarted()
         avatar = self.transport.avatar
+        self.transport.logged_in_at = factory.reactor.seconds()
         log.info("{who} connected", who=avatar.describe())
-        self.keepalive = Keepalive(self, factory.reactor, factory.liveness, avatar.describe)
+        self.keepalive = Keepalive(
+            self, factory.reactor, factory.liveness, avatar.describe, factory.stats.round_trips.observe
+        )
         self.keepalive.start()
         if factory.draining:
             self.announce_draining()
@@ -541,6 +632,7 @@ class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
     _grace_call: Any = None
     source = "?"
     connected_at = 0.0
+    logged_in_at: float | None = None
     replaced = False  # a newer connection of its host key is taking over
     _link_paused = False
     _reading_paused = False
@@ -567,6 +659,46 @@ class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
             return str(avatar.describe())
         peer = self.transport.getPeer()
         return f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}"
+
+    def status(self) -> dict[str, Any]:
+        """This logged-in connection, for `SSHMuxService.status` (see its docstring)."""
+        now = self.factory.reactor.seconds()
+        entry = self.avatar.entry
+        peer = self.transport.getPeer()
+        ciphers = self.currentEncryptions  # a documented @ivar of Conch's transport (SSHCiphers)
+        keepalive = getattr(self.service, "keepalive", None)
+        since = self.logged_in_at if self.logged_in_at is not None else self.connected_at
+        last_rekey = self.last_key_exchange if self.rekeys_completed else None
+
+        def name(value: Any) -> str | None:
+            return None if value is None else quote(value, 64)
+
+        def ms(value: float | None) -> float | None:
+            return None if value is None else round(value * 1000, 1)
+
+        return {
+            "name": entry.name,
+            "fingerprint": entry.fingerprint,
+            "address": f"{getattr(peer, 'host', '?')}:{getattr(peer, 'port', '?')}",
+            "connected_since": since,
+            "connected_for_s": round(now - since, 1),
+            "client_version": name(getattr(self, "otherVersionString", None)),
+            "kex": name(getattr(self, "kexAlg", None)),
+            "host_key_algorithm": name(getattr(self, "keyAlg", None)),
+            "cipher": {"in": name(ciphers.inCipType), "out": name(ciphers.outCipType)},
+            "mac": {"in": name(ciphers.inMACType), "out": name(ciphers.outMACType)},
+            "sessions": self.avatar.sessions(),
+            "bytes": {"received": self.bytes_received, "sent": self.bytes_sent},
+            "backlog_bytes": self.backlog,
+            "keepalive_rtt_ms": {
+                "last": ms(keepalive.last_round_trip) if keepalive is not None else None,
+                "median": ms(keepalive.median_round_trip) if keepalive is not None else None,
+            },
+            "rekeys": self.rekeys_completed,
+            "last_rekey_ago_s": None if last_rekey is None else round(now - last_rekey, 1),
+            "refusals_last_hour": self.factory.stats.recent_refusals(entry.name),
+            "replaced": self.replaced,
+        }
 
     def describe_peer_with(self, entry: HostEntry) -> str:
         """The peer, named by the host entry it is logging in as."""
@@ -633,6 +765,7 @@ class MuxServerTransport(MuxTransport, transport.SSHServerTransport):
 
     def connectionLost(self, reason: Any = None) -> None:
         self.factory.connections.discard(self)
+        self.factory.stats.connection_closed(self)
         if self._grace_call is not None and self._grace_call.active():
             self._grace_call.cancel()
         self.stop_rekey_timer()
@@ -791,8 +924,10 @@ class SSHMuxFactory(factory.SSHFactory):
         limits: ServerLimits = ServerLimits(),
         liveness: Liveness = Liveness(),
         pb_input: PBInputLimits = PBInputLimits(),
+        stats: ServerStats | None = None,
     ) -> None:
         self.host_keys = list(host_keys)
+        self.stats = stats if stats is not None else ServerStats(reactor)
         self.pb_input = pb_input
         self.pb_lookup = pb_lookup
         self.reactor = reactor
@@ -867,6 +1002,7 @@ class SSHMuxFactory(factory.SSHFactory):
             for old, answered in zip(oldest, answers):
                 if not answered and not old.replaced and not old.transport.disconnecting:
                     old.replaced = True
+                    self.stats.replaced()
                     old.sendDisconnect(
                         transport.DISCONNECT_BY_APPLICATION,
                         b"replaced by a newer connection of this host key",

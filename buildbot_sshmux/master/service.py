@@ -9,6 +9,12 @@
 
 Relative paths are taken from the master's basedir.  Worker sessions arrive
 as SSH channels and are handed, in process, to the master's PB port.
+
+``buildbot-sshmux status BASEDIR`` asks the running service (`SSHMuxService.status`)
+through its control socket, ``BASEDIR/sshmux/control.sock`` (mode 0600; set
+``control_socket='PATH'`` to move it, ``control_socket=None`` for none).
+``metrics=9101`` serves Prometheus metrics on 127.0.0.1:9101 (see
+`buildbot_sshmux.master.metrics`); they are off by default.
 """
 
 from __future__ import annotations
@@ -31,16 +37,19 @@ from twisted.internet import defer, endpoints, task
 from twisted.internet.interfaces import IListeningPort
 from twisted.logger import Logger
 
-from buildbot_sshmux.errors import KeyFileError
+from buildbot_sshmux.errors import KeyFileError, SSHMuxError
 from buildbot_sshmux.master import authorized_hosts
 from buildbot_sshmux.master.authorized_hosts import HostEntry
 from buildbot_sshmux.master.limits import ServerLimits, StartupGate
 from buildbot_sshmux.master.orphans import OrphanedClaims
 from buildbot_sshmux.master.pbinput import PBInputLimits
 from buildbot_sshmux.master.server import PBUnavailable, SSHMuxFactory
+from buildbot_sshmux.master.stats import ServerStats
 from buildbot_sshmux.master.workerinfo import note_ssh_origin
+from buildbot_sshmux.wire import control
+from buildbot_sshmux.wire import metrics as metrics_http
 from buildbot_sshmux.wire.channel import FlowLimits
-from buildbot_sshmux.wire.defaults import PB_PORT, SSH_PORT
+from buildbot_sshmux.wire.defaults import MASTER_CONTROL_SOCKET, PB_PORT, SSH_PORT
 from buildbot_sshmux.wire.keys import fingerprint, load_private_key
 from buildbot_sshmux.wire.liveness import Liveness
 from buildbot_sshmux.wire.transport import BoundedLogger
@@ -98,6 +107,8 @@ def _digest(data: bytes | None) -> bytes | None:
 
 
 DEFAULT_PORT = f"tcp:{SSH_PORT}"
+DEFAULT_CONTROL_SOCKET = MASTER_CONTROL_SOCKET
+STATUS_VERSION = 1
 PB_PREFIX = "pb_"  # SSHMuxService(pb_max_message=...) is PBInputLimits(max_message=...)
 
 
@@ -159,10 +170,13 @@ class SSHMuxService(service.BuildbotService):
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
         debug: bool = False,
+        control_socket: str | None = DEFAULT_CONTROL_SOCKET,
+        metrics: int | str | None = None,
         **limits: Any,
     ) -> None:
         if not isinstance(debug, bool):
             config.error(f"SSHMuxService: debug must be True or False, not {debug!r}")
+        self._check_endpoints(config_basedir(), control_socket, metrics)
         try:
             settings(**limits)
         except (ValueError, TypeError) as e:
@@ -194,6 +208,23 @@ class SSHMuxService(service.BuildbotService):
             config.error(message)
 
     @staticmethod
+    def _check_endpoints(basedir: str | None, control_socket: Any, metrics: Any) -> None:
+        if control_socket is not None:
+            if not isinstance(control_socket, str) or not control_socket:
+                config.error(f"SSHMuxService: control_socket must be a path or None, not {control_socket!r}")
+            elif basedir is not None or os.path.isabs(os.path.expanduser(control_socket)):
+                try:
+                    control.check_path(_resolve(basedir or os.getcwd(), control_socket))
+                except SSHMuxError as e:
+                    config.error(f"SSHMuxService: {e}")
+        if metrics is not None:
+            try:
+                metrics_http.listen_description(metrics)
+                metrics_http.require()
+            except (ValueError, SSHMuxError) as e:
+                config.error(f"SSHMuxService: {e}")
+
+    @staticmethod
     def _check_files(basedir: str, host_keys: Sequence[str], authorized_hosts: str | None) -> None:
         try:
             _load_host_keys(basedir, host_keys)
@@ -223,6 +254,11 @@ class SSHMuxService(service.BuildbotService):
         self._hosts_stamp: bytes | None = None  # the SHA-256 of the content loaded
         self._failed_stamp: bytes | None = None
         self._watch: task.LoopingCall | None = None
+        self.stats: ServerStats | None = None  # made once, kept across reconfigurations
+        self._control_wanted: Path | None = None
+        self._control: tuple[Path, IListeningPort] | None = None
+        self._metrics_wanted: str | None = None
+        self._metrics: tuple[str, IListeningPort] | None = None
 
     @defer.inlineCallbacks
     def reconfigService(  # type: ignore[override]
@@ -232,9 +268,15 @@ class SSHMuxService(service.BuildbotService):
         authorized_hosts: str | None = None,
         hosts: Sequence[str] = (),
         debug: bool = False,
+        control_socket: str | None = DEFAULT_CONTROL_SOCKET,
+        metrics: int | str | None = None,
         **limits: Any,
     ) -> Any:
         basedir = self.master.basedir
+        if self.stats is None:
+            self.stats = ServerStats(self.master.reactor)
+        self._control_wanted = _resolve(basedir, control_socket) if control_socket is not None else None
+        self._metrics_wanted = metrics_http.listen_description(metrics) if metrics is not None else None
         BoundedLogger.show_debug = debug  # Conch's protocol lines, several a packet
         flow, server_limits, liveness, pb_input = settings(**limits)
         if "pb" not in self.master.config.protocols:
@@ -256,11 +298,14 @@ class SSHMuxService(service.BuildbotService):
         if listen_args != self._listen_args or self.factory is None:
             yield self._stop_listening()
             self.factory = SSHMuxFactory(
-                loaded_keys, lambda: self.entries, self.pb_lookup, self.master.reactor
+                loaded_keys, lambda: self.entries, self.pb_lookup, self.master.reactor, stats=self.stats
             )
             self.factory.on_worker_attached = lambda *a: note_ssh_origin(self.master, *a)
             if self.running:
                 yield self._start_listening(str(port))
+        if self.running:
+            yield self._serve_control()
+            yield self._serve_metrics()
         # New limits apply to new connections and channels.
         self.factory.flow, self.factory.limits, self.factory.liveness = flow, server_limits, liveness
         self.factory.pb_input = pb_input
@@ -274,6 +319,8 @@ class SSHMuxService(service.BuildbotService):
         yield super().startService()
         if self.listening_port is None and self.factory is not None:
             yield self._start_listening(self._port)
+        yield self._serve_control()
+        yield self._serve_metrics()
         self._watch = task.LoopingCall(self._watch_files_and_shutdown)
         self._watch.clock = self.master.reactor
         self._watch.start(self.reload_interval, now=False)
@@ -289,8 +336,87 @@ class SSHMuxService(service.BuildbotService):
     def stopService(self) -> Any:
         if self._watch is not None and self._watch.running:
             self._watch.stop()
+        yield self._stop_control()
+        yield self._stop_metrics()
         yield self._stop_listening()
         yield super().stopService()
+
+    # -- the control socket and the metrics page ---------------------------------
+
+    def control_routes(self) -> dict[tuple[str, str], control.Route]:
+        return {("GET", "status"): lambda query: self.status()}
+
+    @defer.inlineCallbacks
+    def _serve_control(self) -> Any:
+        """Serve the control socket where the config says now (a failure is logged: SSH goes on)."""
+        wanted = self._control_wanted
+        if self._control is not None and self._control[0] == wanted:
+            return
+        yield self._stop_control()
+        if wanted is None:
+            return
+        basedir = Path(self.master.basedir)
+        try:
+            if wanted.parent == basedir / "sshmux" and not wanted.parent.exists():
+                wanted.parent.mkdir(mode=0o700)  # as `buildbot-sshmux init` makes it
+            port = yield control.listen(
+                self.master.reactor, wanted, self.control_routes(), f"a master of {basedir}"
+            )
+        except Exception as e:
+            log.error(
+                "SSHMuxService: cannot serve the control socket {path} ({error});"
+                " `buildbot-sshmux status` will not answer",
+                path=wanted,
+                error=str(e),
+            )
+            return
+        self._control = (wanted, port)
+
+    @defer.inlineCallbacks
+    def _stop_control(self) -> Any:
+        if self._control is not None:
+            (_path, port), self._control = self._control, None
+            yield port.stopListening()  # Twisted removes the socket file
+
+    @defer.inlineCallbacks
+    def _serve_metrics(self) -> Any:
+        """Serve the metrics page where the config says now (a failure is logged: SSH goes on)."""
+        wanted = self._metrics_wanted
+        if self._metrics is not None and self._metrics[0] == wanted:
+            return
+        yield self._stop_metrics()
+        if wanted is None:
+            return
+        try:
+            from buildbot_sshmux.master.metrics import MasterCollector
+
+            port = yield metrics_http.serve(self.master.reactor, wanted, MasterCollector(self))
+        except Exception as e:
+            log.error("SSHMuxService: cannot serve metrics on {where} ({error})", where=wanted, error=str(e))
+            return
+        self._metrics = (wanted, port)
+        address = port.getHost()
+        log.info(
+            "Prometheus metrics of the SSH server on http://{host}:{port}/metrics",
+            host=getattr(address, "host", "?"),
+            port=getattr(address, "port", "?"),
+        )
+
+    @defer.inlineCallbacks
+    def _stop_metrics(self) -> Any:
+        if self._metrics is not None:
+            (_where, port), self._metrics = self._metrics, None
+            yield port.stopListening()
+
+    @property
+    def metrics_port(self) -> IListeningPort | None:
+        """The listening port of the metrics page, if it is served."""
+        return self._metrics[1] if self._metrics is not None else None
+
+    @property
+    def control_path(self) -> Path | None:
+        """The control socket served now, if any."""
+        return self._control[0] if self._control is not None else None
 
     def _read_hosts_file(self) -> bytes | None:
         """authorized_hosts' bytes (OSError if it cannot be read); None without one."""
@@ -378,6 +504,99 @@ class SSHMuxService(service.BuildbotService):
     def connection_count(self) -> int:
         """SSH connections currently open to this master."""
         return len(self.factory.connections) if self.factory is not None else 0
+
+    def status(self) -> dict[str, Any]:
+        """What this SSH server knows now, as JSON-able values (``buildbot-sshmux status``).
+
+        Times are the reactor's seconds (Unix time in a running master);
+        durations are seconds and round trips milliseconds, rounded to 0.1.
+        ::
+
+            {
+              "version": 1,                  # of this shape; fields may be added, not changed
+              "basedir": str, "pid": int, "now": float,
+              "listening": "HOST:PORT" | None,   # the SSH port
+              "host_keys": [fingerprint, ...],
+              "draining": bool,              # a clean shutdown: hosts are moving their sessions
+              "connections_not_logged_in": int,
+              "hosts": [HOST, ...],          # each logged-in connection, by name, oldest first
+              "not_connected": [ENTRY, ...], # authorized keys with no logged-in connection
+              "refusals_last_hour": {reason: int},  # every refusal, of any host or of none
+            }
+            HOST = {
+              "name": str, "fingerprint": "SHA256:...", "address": "IP:PORT",
+              "connected_since": float,      # when it logged in
+              "connected_for_s": float,
+              "client_version": str,         # its SSH version line
+              "kex": str, "host_key_algorithm": str,
+              "cipher": {"in": str, "out": str}, "mac": {"in": str, "out": str},
+              "sessions": [{"worker": str | None,
+                            "state": "attached" | "logging in" | "refused",
+                            "reason": str | None,   # of a refusal (a key of stats.REASONS)
+                            "ago_s": float | None}, ...],  # since that refusal
+              "bytes": {"received": int, "sent": int},  # on the wire, this connection
+              "backlog_bytes": int,          # SSH messages held for it (max_backlog)
+              "keepalive_rtt_ms": {"last": float | None, "median": float | None},
+              "rekeys": int,                 # key re-exchanges completed (either end started)
+              "last_rekey_ago_s": float | None,
+              "refusals_last_hour": {reason: int},  # of this host name
+              "replaced": bool,              # closing: a newer connection of its key took over
+            }
+            ENTRY = {
+              "name": str, "fingerprint": str, "workers": [pattern, ...], "source": "FILE:LINE",
+              "last_seen": {"ago_s": float, "address": str} | None,  # its last connection's end
+              "refusals_last_hour": {reason: int},  # of this host name
+            }
+
+        A refused worker name stays in its host's ``sessions`` for an hour
+        unless it attaches.  Reasons are the keys of
+        `buildbot_sshmux.master.stats.REASONS`.
+        """
+        reactor = self.master.reactor
+        now = reactor.seconds()
+        stats = self.stats if self.stats is not None else ServerStats(reactor)
+        factory = self.factory
+        connections = list(factory.connections) if factory is not None else []
+        logged_in = sorted((c for c in connections if c.authenticated),
+                           key=lambda c: (c.avatar.entry.name, c.serial))  # fmt: skip
+        connected_keys = {c.avatar.entry.key.blob() for c in logged_in}
+        not_connected, seen = [], set()
+        for entry in self.entries:
+            blob = entry.key.blob()
+            if blob in seen:  # a key on several lines is its first line's, as at login
+                continue
+            seen.add(blob)
+            if blob in connected_keys:
+                continue
+            left = stats.last_seen.get(entry.fingerprint)
+            not_connected.append(
+                {
+                    "name": entry.name,
+                    "fingerprint": entry.fingerprint,
+                    "workers": list(entry.workers),
+                    "source": entry.source,
+                    "last_seen": None
+                    if left is None
+                    else {"ago_s": round(now - left[0], 1), "address": left[1]},
+                    "refusals_last_hour": stats.recent_refusals(entry.name),
+                }
+            )
+        address = self.listening_port.getHost() if self.listening_port is not None else None
+        return {
+            "version": STATUS_VERSION,
+            "basedir": str(self.master.basedir),
+            "pid": os.getpid(),
+            "now": now,
+            "listening": None
+            if address is None
+            else f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}",
+            "host_keys": [fingerprint(k) for k in factory.host_keys] if factory is not None else [],
+            "draining": bool(factory is not None and factory.draining),
+            "connections_not_logged_in": len(connections) - len(logged_in),
+            "hosts": [c.status() for c in logged_in],
+            "not_connected": sorted(not_connected, key=lambda e: (e["name"], e["fingerprint"])),
+            "refusals_last_hour": stats.recent_refusals(everyone=True),
+        }
 
     def pb_lookup(self) -> tuple[int, portal.Portal, bool]:
         """The master's PB dispatcher, looked up afresh for every channel."""

@@ -19,3 +19,6 @@ WORKER_KEEPALIVE = 600
 
 EXAMPLE_HOST = "buildmaster.example.org"
 """The placeholder host name in examples and generated configs."""
+
+MASTER_CONTROL_SOCKET = "sshmux/control.sock"
+"""Where a master's SSHMuxService answers ``buildbot-sshmux status``, relative to its basedir."""

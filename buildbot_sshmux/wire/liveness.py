@@ -53,11 +53,13 @@ class Keepalive:
         clock: Any,
         settings: Liveness,
         describe: Callable[[], str],
+        on_round_trip: Callable[[float], object] | None = None,
     ) -> None:
         self.connection = connection
         self.clock = clock
         self.settings = settings
         self.describe = describe
+        self.on_round_trip = on_round_trip  # told each round trip, in seconds (a histogram)
         self.unanswered = 0
         self.round_trips: deque[float] = deque(maxlen=64)  # seconds, the latest last
         self._call: Any = None
@@ -103,7 +105,10 @@ class Keepalive:
         # A failure reply (ConchError) is an answer too; a lost connection is not.
         if not isinstance(result, Failure) or result.check(ConchError):
             self.unanswered = 0
-            self.round_trips.append(self.clock.seconds() - sent)
+            seconds = self.clock.seconds() - sent
+            self.round_trips.append(seconds)
+            if self.on_round_trip is not None:
+                self.on_round_trip(seconds)
 
 
 class RekeyingTransport:
@@ -117,7 +122,14 @@ class RekeyingTransport:
     _clock: Any = None
     _bytes_since_kex = 0
     _rekey_call: Any = None
-    rekeys = 0
+    rekeys = 0  # re-exchanges this end started
+    key_exchanges = 0  # completed, the first one included, whichever end started them
+    last_key_exchange: float | None = None  # when the latest one completed (the clock's seconds)
+
+    @property
+    def rekeys_completed(self) -> int:
+        """Key re-exchanges completed after the first exchange, whichever end started them."""
+        return max(0, self.key_exchanges - 1)
 
     def start_rekey_timer(self, clock: Any) -> None:
         self._clock = clock
@@ -169,6 +181,9 @@ class RekeyingTransport:
 
     def _newKeys(self) -> None:
         self._bytes_since_kex = 0  # before the queued packets are sent (and counted)
+        self.key_exchanges += 1
+        if self._clock is not None:
+            self.last_key_exchange = self._clock.seconds()
         super()._newKeys()  # type: ignore[misc]
         self._schedule_rekey()
         # Sending the queued packets may have started the next exchange.

@@ -335,12 +335,52 @@ class DropMalformed:
             )
 
 
+class CountingTransport:
+    """An SSH transport's TCP transport, counting the bytes written to it (``written``).
+
+    Everything else is the TCP transport's own (attributes, methods,
+    producer registration).  Conch writes each packet with ``write``, our
+    AEAD framing with ``writeSequence``.
+    """
+
+    def __init__(self, tcp: Any) -> None:
+        self.tcp = tcp
+        self.written = 0
+
+    def write(self, data: bytes) -> None:
+        self.written += len(data)
+        self.tcp.write(data)
+
+    def writeSequence(self, data: Sequence[bytes]) -> None:
+        self.written += sum(map(len, data))
+        self.tcp.writeSequence(data)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.tcp, name)
+
+
 class MuxTransport(DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFraming):
     """The stack both ends run on Conch's transport, assembled once: drop a
     peer whose message cannot be parsed, rekey by volume and age, strict key
     exchange, AEAD framing, fast algorithms first, bounded logs.  Mix it in
-    before ``SSHServerTransport`` or ``SSHClientTransport``."""
+    before ``SSHServerTransport`` or ``SSHClientTransport``.
+
+    It counts the bytes it reads (``bytes_received``) and writes
+    (``bytes_sent``), on the wire: framing, padding and MACs included.
+    """
 
     _log = BoundedLogger()
     supportedCiphers = SUPPORTED_CIPHERS
     supportedMACs = SUPPORTED_MACS
+    bytes_received = 0
+
+    def makeConnection(self, transport: Any) -> None:
+        super().makeConnection(CountingTransport(transport))  # type: ignore[misc]
+
+    @property
+    def bytes_sent(self) -> int:
+        return int(getattr(getattr(self, "transport", None), "written", 0))
+
+    def dataReceived(self, data: bytes) -> None:
+        self.bytes_received += len(data)
+        super().dataReceived(data)

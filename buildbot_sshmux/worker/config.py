@@ -38,6 +38,12 @@ Behind an HTTP proxy, a master (or cluster) table says ``proxy =
 running launcher answers ``ssh-worker status``, ``reload`` and ``stop``; by
 default the config's name with ``.sock`` beside it.
 
+``metrics = "127.0.0.1:9102"`` (at the top too; or a port number, on
+127.0.0.1, or a strports description) serves Prometheus metrics at
+``/metrics`` (`buildbot_sshmux.worker.metrics`); it needs prometheus_client
+(``pip install 'buildbot-sshmux[worker,metrics]'``).  Both are read when the
+launcher starts; a reload does not move them.
+
 Several masters: write ``[[master]]`` tables with a ``name`` each, and give
 every worker ``master = "NAME"``.
 
@@ -64,8 +70,9 @@ from typing import Any
 
 from attrs import fields_dict, frozen
 
-from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.errors import ConfigError, SSHMuxError
 from buildbot_sshmux.wire import defaults
+from buildbot_sshmux.wire import metrics as metrics_http
 from buildbot_sshmux.wire.address import parse_address
 from buildbot_sshmux.wire.liveness import Liveness
 from buildbot_sshmux.wire.proxy import ProxyURL
@@ -148,6 +155,7 @@ class LauncherConfig:
     clusters: tuple[ClusterConfig, ...] = ()
     forwards: tuple[ForwardConfig, ...] = ()
     control_socket: Path | None = None  # where `ssh-worker status` finds the running launcher
+    metrics: str | None = None  # where to serve Prometheus metrics (a strports description)
 
     @property
     def control_path(self) -> Path:
@@ -436,13 +444,16 @@ def load(path: str | Path) -> LauncherConfig:
         raise ConfigError(f"{path}: cannot be read ({e.strerror})") from None
     except tomllib.TOMLDecodeError as e:
         raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    unknown = sorted(set(data) - {"master", "cluster", "worker", "workers", "forward", "control_socket"})
+    unknown = sorted(
+        set(data) - {"master", "cluster", "worker", "workers", "forward", "control_socket", "metrics"}
+    )
     if unknown:
         raise ConfigError(
             f"{path}: unknown key or section {unknown[0]!r}"
-            " (known: control_socket, [master], [cluster], [[worker]], [[workers]], [[forward]])"
+            " (known: control_socket, metrics, [master], [cluster], [[worker]], [[workers]], [[forward]])"
         )
     control = _str(path, "control_socket", data, "control_socket")
+    metrics = _metrics(path, data)
     raw = data.get("master", [])
     if not raw and "cluster" not in data:
         raise ConfigError(f"{path}: no [master] or [cluster] section")
@@ -479,4 +490,19 @@ def load(path: str | Path) -> LauncherConfig:
         clusters=tuple(clusters),
         forwards=tuple(forwards),
         control_socket=path.parent / control if control else None,
+        metrics=metrics,
     )
+
+
+def _metrics(path: Path, data: dict[str, Any]) -> str | None:
+    if "metrics" not in data:
+        return None
+    try:
+        description = metrics_http.listen_description(data["metrics"])
+    except ValueError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    try:
+        metrics_http.require()
+    except SSHMuxError as e:
+        raise ConfigError(f"{path}: {e}") from None
+    return description

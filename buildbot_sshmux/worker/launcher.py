@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+from collections import Counter
+from collections.abc import Hashable
 from typing import Any
 
 from twisted.application import service
@@ -102,6 +104,8 @@ class Launcher(service.MultiService):
         self.rebalancer.setServiceParent(self.session_group)
         self.stopping_gracefully = False
         self._graceful_timer: Any = None
+        # Events so far, for the metrics: ("logins_refused", kind), "moves".
+        self.counters: Counter[Hashable] = Counter()
         for master in config.masters:
             self._add_link(master, _link(master, reactor, config.path))
         for worker in config.workers:
@@ -135,6 +139,7 @@ class Launcher(service.MultiService):
             umask=worker.umask,
             numcpus=worker.numcpus,
             delete_leftover_dirs=worker.delete_leftover_dirs,
+            counters=self.counters,
         )
         session.on_stopped_by_master = self._session_gone
         session.setServiceParent(self.session_group)
@@ -143,7 +148,7 @@ class Launcher(service.MultiService):
 
     def _endpoint_to(self, target: str, label: str) -> Any:
         if target in {c.name for c in self.config.clusters}:
-            return ClusterEndpoint(self._members(target), label)
+            return ClusterEndpoint(self._members(target), label, self.counters)
         master = next(m for m in self.config.masters if m.name == target)
         return ChannelEndpoint(self.links[target], master.pb_port, label)
 

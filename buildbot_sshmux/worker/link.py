@@ -30,6 +30,7 @@ from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnectio
 from buildbot_sshmux.wire.keys import fingerprint, parse_public_line
 from buildbot_sshmux.wire.liveness import DRAINING_REQUEST, KEEPALIVE_REQUEST, Keepalive, Liveness
 from buildbot_sshmux.wire.peerlog import quote
+from buildbot_sshmux.wire.stats import Histogram
 from buildbot_sshmux.wire.transport import (
     SHUTDOWN_REASON,
     BoundedLogger,
@@ -164,6 +165,7 @@ class MuxClientConnection(FlowControlledConnection):
             self.link.reactor,
             self.link.liveness,
             lambda: f"master {self.link.address} (as {fingerprint(self.link.identity)})",
+            self.link.round_trips.observe,
         )
         self.keepalive.start()
         self.link.connection_ready(self)
@@ -319,6 +321,18 @@ class MasterLink(service.Service):
         self._up_since: float | None = None
         self._grace_call: Any = None
         self.observers: list[Callable[[MasterLink], None]] = []  # told when it comes up or fails
+        self.round_trips = Histogram()  # keepalive round trips, seconds (metrics)
+        self._closed_counts = {"received": 0, "sent": 0, "rekeys": 0}  # of its connections that ended
+
+    def counts(self) -> dict[str, int]:
+        """Bytes received and sent on the wire, and rekeys completed, by every connection so far."""
+        counts = dict(self._closed_counts)
+        live = self._transport
+        if live is not None:
+            counts["received"] += live.bytes_received
+            counts["sent"] += live.bytes_sent
+            counts["rekeys"] += live.rekeys_completed
+        return counts
 
     first_dial_grace = 5.0
     """Seconds a cluster's sessions wait for this master's first dial before taking another."""
@@ -452,6 +466,9 @@ class MasterLink(service.Service):
     def transport_lost(self, proto: MuxClientTransport, reason: Any) -> None:
         if self._transport is not proto:
             return
+        self._closed_counts["received"] += proto.bytes_received
+        self._closed_counts["sent"] += proto.bytes_sent
+        self._closed_counts["rekeys"] += proto.rekeys_completed
         self._transport = None
         self.connection = None
         self.connected_since = None

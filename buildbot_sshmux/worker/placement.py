@@ -12,7 +12,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Hashable, Sequence
 from typing import Any
 
 from twisted.application import service
@@ -49,8 +50,14 @@ class ClusterEndpoint:
     the first master, in the session's own order, that is up now; if none is,
     on the first that comes up."""
 
-    def __init__(self, links: Sequence[tuple[MasterLink, float, int]], worker: str) -> None:
+    def __init__(
+        self,
+        links: Sequence[tuple[MasterLink, float, int]],
+        worker: str,
+        counters: Counter[Hashable] | None = None,
+    ) -> None:
         self.worker = worker
+        self.counters: Counter[Hashable] = counters if counters is not None else Counter()  # "moves" -> n
         self.update(links)
         self.current: MasterLink | None = None  # the master of the last channel opened
 
@@ -105,6 +112,7 @@ class ClusterEndpoint:
     def _open(self, link: MasterLink, protocolFactory: IProtocolFactory) -> defer.Deferred[Any]:
         pb_port = next(port for candidate, port in self.order if candidate is link)
         if self.current is not None and self.current is not link:
+            self.counters["moves"] += 1
             first = self.order[0][0]
             log.info(
                 "worker {worker}: moving from master {old} to {new}{why}",

@@ -13,11 +13,12 @@ import sys
 from pathlib import Path
 from typing import IO, Any
 
-from twisted.internet import task
+from twisted.internet import defer, task
 from twisted.logger import (
     FileLogObserver,
     FilteringLogObserver,
     ILogObserver,
+    Logger,
     LogLevel,
     LogLevelFilterPredicate,
     formatEvent,
@@ -36,6 +37,8 @@ from buildbot_sshmux.worker.launcher import Launcher
 ROTATE_LENGTH = 10_000_000
 MAX_ROTATED_FILES = 10
 STATUS_INTERVAL = 5.0
+
+log = Logger()
 
 _PRIORITY = {LogLevel.critical: 2, LogLevel.error: 3, LogLevel.warn: 4, LogLevel.info: 6, LogLevel.debug: 7}
 
@@ -67,6 +70,20 @@ def run(config_path: str, *, debug: bool, stop_timeout: float, logfile: str | No
             f"cannot serve the control socket {config.control_path}: {failed[0].getErrorMessage()};"
             " set control_socket in the config to a writable place"
         )
+    if config.metrics is not None:
+        from buildbot_sshmux.wire import metrics
+        from buildbot_sshmux.worker.metrics import LauncherCollector
+
+        metrics.serve(reactor, config.metrics, LauncherCollector(launcher)).addCallbacks(
+            port.append, failed.append
+        )
+        if failed:
+            for listening in port:
+                listening.stopListening()
+            raise SSHMuxError(
+                f"cannot serve metrics on {config.metrics}: {failed[0].getErrorMessage()};"
+                " set metrics in the config to a free port"
+            )
     log_file: LogFile | None = None
     sink: ILogObserver
     if logfile is not None:
@@ -97,6 +114,13 @@ def run(config_path: str, *, debug: bool, stop_timeout: float, logfile: str | No
     status_loop.clock = reactor
 
     def started() -> None:
+        if len(port) > 1:
+            address = port[1].getHost()
+            log.info(
+                "Prometheus metrics on http://{host}:{port}/metrics",
+                host=getattr(address, "host", "?"),
+                port=getattr(address, "port", "?"),
+            )
         launcher.startService()
         controls.install_signals()
         systemd.notify("READY=1", f"STATUS={launcher.summary()}")
@@ -110,7 +134,11 @@ def run(config_path: str, *, debug: bool, stop_timeout: float, logfile: str | No
 
     reactor.callWhenRunning(started)
     reactor.addSystemEventTrigger("before", "shutdown", stopping)
-    reactor.addSystemEventTrigger("before", "shutdown", lambda: port and port[0].stopListening())
+    reactor.addSystemEventTrigger(  # waited for: an answer on the control socket gets out first
+        "before",
+        "shutdown",
+        lambda: defer.gatherResults([defer.maybeDeferred(p.stopListening) for p in port]),
+    )
     reactor.run()
     if log_file is not None:
         log_file.close()

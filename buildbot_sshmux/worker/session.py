@@ -10,7 +10,8 @@ stops or retries only its own session, and says so in the log.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Hashable
 from typing import Any
 
 from buildbot_worker.base import WorkerBase
@@ -56,6 +57,8 @@ class SessionBotFactory(BotFactory):
         if not why.check(pb.PBConnectionLost):
             refusal = "login refused" if why.check(cred_error.UnauthorizedLogin) else why.getErrorMessage()
             self.session.last_refusal = (refusal, self.clock.seconds())
+            kind = "unauthorized" if why.check(cred_error.UnauthorizedLogin) else "rejected"
+            self.session.counters["logins_refused", kind] += 1
         if why.check(pb.PBConnectionLost):
             log.info("worker {worker}: lost the channel while logging in", worker=name)
         elif why.check(cred_error.UnauthorizedLogin):
@@ -121,8 +124,11 @@ class WorkerSession(WorkerBase):
         unicode_encoding: str | None = None,
         delete_leftover_dirs: bool = False,
         numcpus: int | None = None,
+        counters: Counter[Hashable] | None = None,
     ) -> None:
         os.makedirs(basedir, exist_ok=True)
+        # ("logins_refused", "unauthorized" | "rejected") -> n: the launcher's, for its metrics
+        self.counters: Counter[Hashable] = counters if counters is not None else Counter()
         super().__init__(
             name,
             basedir,

@@ -70,3 +70,76 @@ class ControlSocketTests(TestCase):
         with self.assertRaises(SSHMuxError) as long:
             control.listen(reactor, self.dir / ("x" * 120), {}, "the test")
         self.assertIn("longer than 100 bytes", str(long.exception))
+
+
+class ServiceEndpointsTests(TestCase):
+    """`SSHMuxService`'s control socket and metrics page follow its config (a reconfig moves them)."""
+
+    def setUp(self) -> None:
+        import shutil
+        from types import SimpleNamespace
+
+        from buildbot_sshmux.master.service import SSHMuxService
+        from buildbot_sshmux.wire.keys import generate_ed25519, write_private_key
+
+        self.dir = Path(tempfile.mkdtemp(prefix="sshmux-svc-"))
+        self.addCleanup(shutil.rmtree, self.dir, True)
+        key = self.dir / "key"
+        write_private_key(key, generate_ed25519())
+        self.service = SSHMuxService(host_keys=[str(key)], hosts=["# none"])
+        self.service.parent = SimpleNamespace(master=SimpleNamespace(basedir=str(self.dir), reactor=reactor))  # type: ignore[assignment]
+        self.addCleanup(lambda: defer.ensureDeferred(self.stop()))
+
+    async def stop(self) -> None:
+        await self.service._stop_control()
+        await self.service._stop_metrics()
+
+    def ask(self, path: Path) -> defer.Deferred[Any]:
+        return threads.deferToThread(control.request, path, "GET", "status", 5.0)
+
+    def test_the_control_socket_is_made_moved_and_closed(self) -> defer.Deferred[None]:
+        async def run() -> None:
+            service = self.service
+            default = self.dir / "sshmux" / "control.sock"
+            service._control_wanted = default
+            await service._serve_control()
+            self.assertEqual(stat.S_IMODE(default.parent.stat().st_mode), 0o700, "made as init makes it")
+            self.assertEqual(stat.S_IMODE(default.stat().st_mode), 0o600)
+            self.assertEqual((await self.ask(default))["hosts"], [])
+            moved = self.dir / "moved.sock"
+            service._control_wanted = moved
+            await service._serve_control()
+            self.assertFalse(default.exists())
+            self.assertEqual((await self.ask(moved))["version"], 1)
+            service._control_wanted = None  # control_socket=None
+            await service._serve_control()
+            self.assertFalse(moved.exists())
+            self.assertIsNone(service.control_path)
+
+        return defer.ensureDeferred(run())
+
+    def test_the_metrics_page_is_served_and_moved(self) -> defer.Deferred[None]:
+        import urllib.request
+
+        def get(port: int) -> bytes:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as response:
+                return bytes(response.read())
+
+        async def run() -> None:
+            service = self.service
+            service._metrics_wanted = "tcp:0:interface=127.0.0.1"
+            await service._serve_metrics()
+            assert service.metrics_port is not None
+            first = service.metrics_port.getHost().port
+            self.assertIn(b"sshmux_hosts_connected 0.0", await threads.deferToThread(get, first))
+            service._metrics_wanted = "tcp:0:interface=127.0.0.1:backlog=5"
+            await service._serve_metrics()
+            assert service.metrics_port is not None
+            self.assertNotEqual(service.metrics_port.getHost().port, first)
+            with self.assertRaises(OSError):
+                await threads.deferToThread(get, first)
+            service._metrics_wanted = None
+            await service._serve_metrics()
+            self.assertIsNone(service.metrics_port)
+
+        return defer.ensureDeferred(run())

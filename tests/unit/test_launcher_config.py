@@ -64,6 +64,26 @@ class LauncherConfigTests(TestCase):
         self.assertEqual(worker.keepalive, 600)
         self.assertEqual((master.liveness.rekey_bytes, master.liveness.rekey_interval), (1 << 30, 3600))
 
+    def test_metrics(self) -> None:
+        self.assertIsNone(self.load(ONE_MASTER).metrics, "off by default")
+        for value, description in [
+            ('"127.0.0.1:9102"', "tcp:9102:interface=127.0.0.1"),
+            ("9102", "tcp:9102:interface=127.0.0.1"),
+            ('"0.0.0.0:9102"', "tcp:9102:interface=0.0.0.0"),
+        ]:
+            self.assertEqual(self.load(f"metrics = {value}\n" + ONE_MASTER).metrics, description)
+        self.assertConfigError('metrics = "here"\n' + ONE_MASTER, "metrics must be a port number")
+
+    def test_metrics_without_prometheus_client_is_one_clear_error(self) -> None:
+        from unittest import mock
+
+        with mock.patch.dict("sys.modules", {"prometheus_client": None}):
+            self.assertConfigError(
+                "metrics = 9102\n" + ONE_MASTER,
+                "metrics are configured but prometheus_client is not installed",
+                "buildbot-sshmux[metrics]",
+            )
+
     def test_rekey_limits(self) -> None:
         config = self.load(
             """

@@ -339,6 +339,10 @@ class MaxConnectionsPerHostTests(TestCase):
         flush_all(pair.wire, again.wire, fedora.wire)
         self.assertIsNotNone(pair.link.connection)
         self.assertEqual(len(self.logs.matching("refused a second connection")), 2)
+        # Counted for the status and the metrics, as the host's.
+        stats = pair.factory.stats
+        self.assertEqual((stats.totals["duplicate_connection"], stats.totals["replaced"]), (2, 0))
+        self.assertEqual(stats.recent_refusals("debian-sid"), {"duplicate_connection": 2})
 
     def test_a_connection_that_does_not_answer_is_replaced(self) -> None:
         pair = self.make(1)
@@ -356,6 +360,8 @@ class MaxConnectionsPerHostTests(TestCase):
         self.assertIsNotNone(again.link.connection)
         self.assertTrue(old_server.replaced)
         self.assertTrue(old_server.transport.disconnecting)
+        self.assertEqual(pair.factory.stats.totals["replaced"], 1)
+        self.assertEqual(pair.factory.stats.totals["duplicate_connection"], 0)
         [line] = self.logs.matching(
             "connected again", "did not answer a keepalive", "max_connections_per_host=1"
         )

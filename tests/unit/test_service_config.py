@@ -68,6 +68,26 @@ class CheckConfigTests(unittest.TestCase):
         self.assertEqual(len(errors), 1)
         self.assertIn("strports", errors[0])
 
+    def test_control_socket_and_metrics(self) -> None:
+        good = {"host_keys": [str(self.host_key)], "authorized_hosts": str(self.hosts)}
+        self.assertEqual(config_errors(**good, control_socket=None, metrics=9101), [])
+        self.assertEqual(config_errors(**good, control_socket=str(self.dir / "c.sock"), metrics="tcp:0"), [])
+        [error] = config_errors(**good, control_socket=123)
+        self.assertIn("control_socket must be a path or None", error)
+        [error] = config_errors(**good, control_socket=str(self.dir / ("x" * 120)))
+        self.assertIn("longer than 100 bytes (a UNIX socket limit)", error)
+        [error] = config_errors(**good, metrics="localhost:nine")
+        self.assertIn("metrics must be a port number, 'HOST:PORT' or a strports description", error)
+
+    def test_metrics_without_prometheus_client_is_one_clear_error(self) -> None:
+        from unittest import mock
+
+        with mock.patch.dict("sys.modules", {"prometheus_client": None}):
+            [error] = config_errors(
+                host_keys=[str(self.host_key)], authorized_hosts=str(self.hosts), metrics=9101
+            )
+        self.assertIn("prometheus_client is not installed: pip install 'buildbot-sshmux[metrics]'", error)
+
 
 class ListenBacklogTests(unittest.TestCase):
     """The SSH port listens with a deep accept queue unless its description names one."""

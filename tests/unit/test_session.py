@@ -150,6 +150,7 @@ class FailedLoginTests(SessionTestCase):
         d = self.fail_login(why)
         self.assertEqual(self.stops, [])
         self.assertRetriesAfter(d, 7.0)
+        self.assertEqual(self.worker.counters, {("logins_refused", "rejected"): 1})  # the metrics' count
 
     def test_local_exception_does_not_stop_the_reactor(self) -> None:
         d = self.fail_login(Failure(RuntimeError("rejecting duplicate worker")))
@@ -158,10 +159,12 @@ class FailedLoginTests(SessionTestCase):
     def test_unauthorized_login_retries(self) -> None:
         d = self.fail_login(Failure(UnauthorizedLogin()))
         self.assertRetriesAfter(d, 7.0)
+        self.assertEqual(self.worker.counters, {("logins_refused", "unauthorized"): 1})
 
     def test_channel_lost_while_logging_in_retries(self) -> None:
         d = self.fail_login(Failure(pb.PBConnectionLost("gone")))
         self.assertRetriesAfter(d, 7.0)
+        self.assertEqual(self.worker.counters, {}, "a lost channel is not a refusal")
 
     def test_retries_back_off_and_reset_on_success(self) -> None:
         self.assertRetriesAfter(self.fail_login(Failure(UnauthorizedLogin())), 7.0)
