@@ -26,8 +26,9 @@ queue) is one table, with every key of ``[master]`` but ``address``, shared::
     identity = "id_ed25519"
 
 Each worker session is attached to one of them at a time: the first reachable
-master in its own order (rendezvous hashing of its name), so a restart of the
-launcher places every session where it was.
+master in its own order (rendezvous hashing of its name, bounded so that each
+master is first for a number of this host's sessions within 10% of its
+share), so a restart of the launcher places every session where it was.
 """
 
 from __future__ import annotations
@@ -55,7 +56,8 @@ MASTER_KEYS = {
 }  # fmt: skip
 WORKER_KEYS = {"name", "password", "password_file", "basedir", "master", "keepalive", "umask"}
 CLUSTER_KEYS = (MASTER_KEYS - {"address"}) | {"masters"}
-MEMBER_KEYS = {"address", "weight", "pb_port", "host_key"}  # what a [cluster] masters entry may set for itself
+# What a [cluster] masters entry may set for itself.
+MEMBER_KEYS = {"address", "weight", "pb_port", "host_key"}
 
 
 def _default(cls: type, key: str) -> Any:

@@ -12,7 +12,7 @@ from buildbot_sshmux.errors import ConfigError, KeyFileError
 from buildbot_sshmux.wire.keys import load_private_key
 from buildbot_sshmux.worker.config import LauncherConfig, MasterConfig
 from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
-from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer
+from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer, assign
 from buildbot_sshmux.worker.session import WorkerSession
 
 PASSPHRASE_ENV = "SSH_WORKER_PASSPHRASE"
@@ -72,11 +72,16 @@ class Launcher(service.MultiService):
         clusters = {
             c.name: [(self.links[m], weights[m], pb_ports[m]) for m in c.masters] for c in config.clusters
         }
+        orders: dict[str, list[str]] = {}  # a cluster's worker -> its masters' addresses, in order
+        for c in config.clusters:
+            names = [w.name for w in config.workers if w.master == c.name]
+            members = [(link.address, weight) for link, weight, _pb in clusters[c.name]]
+            orders.update(assign(names, members))
         placed: list[tuple[WorkerSession, ClusterEndpoint]] = []
         for worker in config.workers:
             endpoint: Any
             if worker.master in clusters:
-                endpoint = ClusterEndpoint(clusters[worker.master], worker.name)
+                endpoint = ClusterEndpoint(clusters[worker.master], worker.name, orders[worker.name])
             else:
                 endpoint = ChannelEndpoint(self.links[worker.master], pb_ports[worker.master], worker.name)
             session = WorkerSession(
