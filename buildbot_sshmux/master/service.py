@@ -254,6 +254,7 @@ class SSHMuxService(service.BuildbotService):
         self._hosts_stamp: bytes | None = None  # the SHA-256 of the content loaded
         self._failed_stamp: bytes | None = None
         self._watch: task.LoopingCall | None = None
+        self._shutdown_watch: task.LoopingCall | None = None
         self.stats: ServerStats | None = None  # made once, kept across reconfigurations
         self._control_wanted: Path | None = None
         self._control: tuple[Path, IListeningPort] | None = None
@@ -321,12 +322,17 @@ class SSHMuxService(service.BuildbotService):
             yield self._start_listening(self._port)
         yield self._serve_control()
         yield self._serve_metrics()
-        self._watch = task.LoopingCall(self._watch_files_and_shutdown)
+        self._watch = task.LoopingCall(self._check_hosts_file)
         self._watch.clock = self.master.reactor
         self._watch.start(self.reload_interval, now=False)
+        self._shutdown_watch = task.LoopingCall(self._watch_shutdown)
+        self._shutdown_watch.clock = self.master.reactor
+        self._shutdown_watch.start(self.shutdown_check_interval, now=False)
 
-    def _watch_files_and_shutdown(self) -> None:
-        self._check_hosts_file()
+    shutdown_check_interval = 0.5
+    """Seconds between looks at whether a clean shutdown has begun (one attribute read)."""
+
+    def _watch_shutdown(self) -> None:
         # A clean shutdown (`buildbot stop --clean`, SIGUSR1) runs builds to
         # their end first: the hosts move their sessions meanwhile.
         if getattr(self.master.botmaster, "shuttingDown", False) and self.factory is not None:
@@ -334,8 +340,9 @@ class SSHMuxService(service.BuildbotService):
 
     @defer.inlineCallbacks
     def stopService(self) -> Any:
-        if self._watch is not None and self._watch.running:
-            self._watch.stop()
+        for loop in (self._watch, self._shutdown_watch):
+            if loop is not None and loop.running:
+                loop.stop()
         yield self._stop_control()
         yield self._stop_metrics()
         yield self._stop_listening()

@@ -57,8 +57,9 @@ queue) is one table, with every key of ``[master]`` but ``address``, shared::
     identity = "id_ed25519"
 
 Each worker session is attached to one of them at a time: the first reachable
-master in its own order (rendezvous hashing of its name), so a restart of the
-launcher places every session where it was.
+master in its own order (rendezvous hashing of its name, bounded so that each
+master is first for a number of this host's sessions within 10% of its
+share), so a restart of the launcher places every session where it was.
 """
 
 from __future__ import annotations
@@ -92,12 +93,8 @@ WORKER_KEYS = {
 }  # fmt: skip
 CLUSTER_KEYS = (MASTER_KEYS - {"address"}) | {"masters"}
 PATTERN_KEYS = {"name", "basedir", "password_file"}  # where a [[workers]] table's {project} goes
-MEMBER_KEYS = {
-    "address",
-    "weight",
-    "pb_port",
-    "host_key",
-}  # what a [cluster] masters entry may set for itself
+# What a [cluster] masters entry may set for itself.
+MEMBER_KEYS = {"address", "weight", "pb_port", "host_key"}
 
 
 def _default(cls: type, key: str) -> Any:

@@ -17,7 +17,7 @@ from buildbot_sshmux.wire.proxy import HTTPConnectEndpoint, ProxyURL, proxy_from
 from buildbot_sshmux.worker.config import ForwardConfig, LauncherConfig, MasterConfig, WorkerConfig
 from buildbot_sshmux.worker.forward import Forward, ForwardService
 from buildbot_sshmux.worker.link import ChannelEndpoint, HostKeyPins, MasterLink
-from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer
+from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer, assign
 from buildbot_sshmux.worker.session import WorkerSession
 
 PASSPHRASE_ENV = "SSH_WORKER_PASSPHRASE"
@@ -108,6 +108,7 @@ class Launcher(service.MultiService):
         self.counters: Counter[Hashable] = Counter()
         for master in config.masters:
             self._add_link(master, _link(master, reactor, config.path))
+        self.orders = self._assign(config)
         for worker in config.workers:
             self._add_session(worker)
         self.forwards: dict[str, ForwardService] = {}
@@ -125,8 +126,17 @@ class Launcher(service.MultiService):
         [members] = [c.masters for c in self.config.clusters if c.name == cluster]
         return [(self.links[m], by_name[m].weight, by_name[m].pb_port) for m in members]
 
+    def _assign(self, config: LauncherConfig) -> dict[str, list[str]]:
+        """Each cluster worker's order of its cluster's masters (`placement.assign`: balanced)."""
+        weights = {m.name: m.weight for m in config.masters}
+        orders: dict[str, list[str]] = {}
+        for cluster in config.clusters:
+            names = [w.name for w in config.workers if w.master == cluster.name]
+            orders.update(assign(names, [(m, weights[m]) for m in cluster.masters]))
+        return orders
+
     def _add_session(self, worker: WorkerConfig) -> WorkerSession:
-        endpoint = self._endpoint_to(worker.master, worker.name)
+        endpoint = self._endpoint_to(worker.master, worker.name, self.orders.get(worker.name))
         if isinstance(endpoint, ClusterEndpoint):
             self.cluster_endpoints[worker.name] = endpoint
         session = WorkerSession(
@@ -146,9 +156,9 @@ class Launcher(service.MultiService):
         self.sessions[worker.name] = session
         return session
 
-    def _endpoint_to(self, target: str, label: str) -> Any:
+    def _endpoint_to(self, target: str, label: str, order: list[str] | None = None) -> Any:
         if target in {c.name for c in self.config.clusters}:
-            return ClusterEndpoint(self._members(target), label, self.counters)
+            return ClusterEndpoint(self._members(target), label, self.counters, order)
         master = next(m for m in self.config.masters if m.name == target)
         return ChannelEndpoint(self.links[target], master.pb_port, label)
 
@@ -207,11 +217,12 @@ class Launcher(service.MultiService):
         self.config = new
         for name, link in fresh.items():
             self._add_link(new_masters[name], link)
+        self.orders = self._assign(new)
         for name, endpoint in list(self.cluster_endpoints.items()):
             if name not in new_workers or new_workers[name].master not in new_clusters:
                 del self.cluster_endpoints[name]
             else:
-                endpoint.update(self._members(new_workers[name].master))
+                endpoint.update(self._members(new_workers[name].master), self.orders.get(name))
         for worker in start:
             self._add_session(worker)
         old_forwards = {f.listen: f for f in old.forwards}

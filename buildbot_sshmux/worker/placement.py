@@ -2,7 +2,12 @@
 
 Every session ranks the cluster's masters by weighted rendezvous hashing of
 (worker name, master name) and attaches to the first one whose connection is
-up.  The ranking depends on nothing but the names and weights, so a
+up.  Hashing alone spreads a host's sessions only as evenly as chance does
+(200 sessions over 3 masters: a master's count is off its even share by more
+than 10% for about half of all sets of master addresses), so `assign` keeps
+each master first for a number of the host's sessions within 10% of its
+share: a session whose first master is full starts its order at its next one
+with room.  The orders depend on nothing but the names and weights, so a
 restarted launcher places every session where it was, and losing one master
 moves only that master's sessions, spread over the others in proportion to
 their weights.
@@ -40,6 +45,45 @@ def rank(worker: str, masters: Sequence[tuple[str, float]]) -> list[str]:
     return [name for name, weight in sorted(masters, key=lambda m: -rendezvous_score(worker, *m))]
 
 
+def capacity(sessions: int, weight: float, total_weight: float, over: float) -> int:
+    """The most of ``sessions`` a master of ``weight`` may be first for: ``over`` (a
+    fraction) above its share, rounded down, but not below its share rounded up."""
+    share = sessions * weight / total_weight
+    return max(math.floor(share * (1 + over) + 1e-9), math.ceil(share - 1e-9))
+
+
+def assign(
+    workers: Sequence[str], masters: Sequence[tuple[str, float]], tolerance: float = 0.1
+) -> dict[str, list[str]]:
+    """Each worker's order of ``masters`` (name, weight): its `rank`, except that
+    every master is first for a number of these workers within ``tolerance`` of
+    its share (or, where the shares are too small for that, within a session
+    of it per master).
+
+    The bound is a `capacity`: a master may be first for ``over`` above its
+    share, ``over`` so small that what the others may take leaves none more
+    than ``tolerance`` under its own (``tolerance / (N - 1)`` for N masters of
+    equal weight).  Greedy by rendezvous score, highest first: a worker takes
+    the best master it scores that still has room.  So a worker keeps its
+    ranked first master unless that master is over capacity, and then the
+    workers that score it highest keep it; the others start at their best
+    master with room, the rest of their order as ranked.
+    """
+    total = sum(weight for _name, weight in masters)
+    over = tolerance * min((w / (total - w) for _n, w in masters if w < total), default=0.0)
+    room = {name: capacity(len(workers), weight, total, over) for name, weight in masters}
+    pairs = sorted(
+        ((rendezvous_score(w, name, weight), w, name) for w in workers for name, weight in masters),
+        key=lambda p: (-p[0], p[1], p[2]),
+    )
+    first: dict[str, str] = {}
+    for _score, worker, name in pairs:
+        if worker not in first and room[name] > 0:
+            first[worker] = name
+            room[name] -= 1
+    return {w: [first[w]] + [m for m in rank(w, masters) if m != first[w]] for w in workers}
+
+
 def _usable(link: MasterLink) -> bool:
     return link.connection is not None and not link.draining
 
@@ -55,16 +99,22 @@ class ClusterEndpoint:
         links: Sequence[tuple[MasterLink, float, int]],
         worker: str,
         counters: Counter[Hashable] | None = None,
+        order: Sequence[str] | None = None,
     ) -> None:
+        """``order``: the masters' addresses in this session's order (`assign`'s); its `rank` if None."""
         self.worker = worker
         self.counters: Counter[Hashable] = counters if counters is not None else Counter()  # "moves" -> n
-        self.update(links)
+        self.update(links, order)
         self.current: MasterLink | None = None  # the master of the last channel opened
 
-    def update(self, links: Sequence[tuple[MasterLink, float, int]]) -> None:
+    def update(
+        self, links: Sequence[tuple[MasterLink, float, int]], order: Sequence[str] | None = None
+    ) -> None:
         """The cluster's members changed (a reload): the next login follows the new order."""
         by_name = {link.address: (link, pb_port) for link, _weight, pb_port in links}
-        self.order = [by_name[name] for name in rank(self.worker, [(l.address, w) for l, w, _ in links])]
+        if order is None:
+            order = rank(self.worker, [(l.address, w) for l, w, _ in links])
+        self.order = [by_name[name] for name in order]
 
     @property
     def master_address(self) -> str | None:

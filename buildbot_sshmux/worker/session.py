@@ -99,6 +99,11 @@ class SessionBot(BotPb):
     session (stock buildbot-worker stops the reactor, and so every session)."""
 
     stop_session: Callable[[], None] | None = None
+    messages = 0  # remote_print calls: "attached", and the "ping" that starts every build
+
+    def remote_print(self, message: str) -> Any:
+        self.messages += 1
+        return super().remote_print(message)
 
     def remote_shutdown(self) -> None:
         if self.stop_session is not None:
@@ -175,7 +180,15 @@ class WorkerSession(WorkerBase):
 
     @property
     def busy(self) -> bool:
-        """Whether a command of a build is running on this session now."""
+        """Whether a command of a build is running on this session now.
+
+        buildbot-worker's PB bot keeps each builder's running command on that
+        builder (``bot.builders[name].protocol_command``); its msgpack bot
+        keeps them all in ``bot.protocol_commands``.
+        """
+        builders = getattr(self.bot, "builders", None) or {}
+        if any(getattr(wfb, "protocol_command", None) is not None for wfb in builders.values()):
+            return True
         return bool(getattr(self.bot, "protocol_commands", None))
 
     def move(self) -> None:
@@ -218,19 +231,47 @@ class WorkerSession(WorkerBase):
         if self.on_stopped_by_master is not None:
             self.on_stopped_by_master(self)
 
-    def _master_asked_shutdown(self) -> None:
-        if self.moving:
-            # Released (Buildbot's answer to move()): drop the channel a moment
-            # later, as stock buildbot-worker does, so that the answer gets out;
-            # ClientService then logs in again, through the endpoint.
-            self.moving = False
-            broker = self.bf.perspective.broker if self.bf.perspective is not None else None
-            if broker is not None:
-                self._clock.callLater(0.2, broker.transport.loseConnection)
+    release_grace = 0.5
+    """Seconds between the master's release of a moving or stopping session and its leaving."""
+
+    def _leave(self, broker: Any, messages: int) -> None:
+        """Leave the master that released this session (drop the channel to move,
+        or stop the session), unless a build began meanwhile.
+
+        Buildbot releases a worker whose builders are all idle, but a build
+        it had already chosen the worker for may start just after (a
+        race of its graceful shutdown): its ping and first command follow the
+        release.  Leaving would cut that build (RETRY).  Buildbot releases
+        the worker again once that build ends (the worker stays in graceful
+        shutdown), and the session leaves then.
+        """
+        if getattr(broker, "disconnected", False):
+            return
+        if self.busy or self.bot.messages != messages:
+            log.info(
+                "worker {worker}: a build started as the master released it; it leaves once that build ends",
+                worker=self.name,
+            )
             return
         if self.leaving:
             log.info("worker {worker}: its builds have finished; stopping it", worker=self.name)
-            self._clock.callLater(0.2, self._stop)
+            self._stop()
+            return
+        self.moving = False
+        broker.transport.loseConnection()
+
+    def _master_asked_shutdown(self) -> None:
+        if self.moving or self.leaving:
+            # Released (Buildbot's answer to move() or leave()): leave a moment
+            # later, so that the answer gets out; a move's ClientService then
+            # logs in again, through the endpoint.
+            broker = self.bf.perspective.broker if self.bf.perspective is not None else None
+            if broker is not None:
+                self._clock.callLater(self.release_grace, self._leave, broker, self.bot.messages)
+            elif self.leaving:
+                self._stop()
+            else:
+                self.moving = False
             return
         # Stock buildbot-worker stops the reactor, and so every other session.
         log.info(

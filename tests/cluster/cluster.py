@@ -141,6 +141,34 @@ class Cluster:
         self.launchers.append(launcher)
         return launcher
 
+    def cluster_launcher_config(
+        self, host: str, masters: Sequence[ClusterMaster], workers: Iterable[str], **shared: Any
+    ) -> Path:
+        """``HOST/ssh-worker.toml``: one ``[cluster]`` of these masters, each member with its
+        address, PB port and host key; these workers; ``shared`` keys in the table too."""
+        assert self.site is not None
+        members = ",\n".join(
+            f'    {{ address = "127.0.0.1:{m.ssh_port}", pb_port = {m.pb_port}, host_key = "{m.host_key_line}" }}'
+            for m in masters
+        )
+        lines = [
+            "[cluster]",
+            f"masters = [\n{members},\n]",
+            f'identity = "{self.site.identities[host].name}"',
+        ]
+        lines += [f"{key} = {value!r}" for key, value in shared.items()]
+        for name in workers:
+            lines += [
+                "",
+                "[[worker]]",
+                f'name = "{name}"',
+                f'password = "{T.WORKER_PASSWORD.format(name=name)}"',
+                f'basedir = "workers/{name}"',
+            ]
+        path = self.site.root / host / "ssh-worker.toml"
+        path.write_text("\n".join(lines) + "\n")
+        return path
+
     # -- what the cluster says ------------------------------------------------------
 
     def active_masters(self) -> dict[str, bool]:

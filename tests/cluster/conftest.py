@@ -34,6 +34,7 @@ KEEP = bool(os.environ.get("SSHMUX_KEEP_TMP"))
 REALMS_PER_ROUTER = 32
 TEMPLATE = "buildbot_template"
 TIMINGS: list[tuple[str, float]] = []
+FIGURES: list[str] = []  # "[figures] NAME: k=v, ..." lines the tests printed
 
 
 def pytest_collection_modifyitems(config: Any, items: list[Any]) -> None:
@@ -57,6 +58,10 @@ def pytest_terminal_summary(terminalreporter: Any) -> None:
         terminalreporter.section("cluster timings")
         for what, seconds in TIMINGS:
             terminalreporter.write_line(f"    {what:<50} {seconds:6.2f} s")
+    if FIGURES:
+        terminalreporter.section("cluster figures")
+        for line in FIGURES:
+            terminalreporter.write_line(line)
 
 
 def timed(what: str, began: float) -> None:

@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import time
 import urllib.parse
 import urllib.request
 from collections.abc import Sequence
@@ -189,6 +190,20 @@ class ClusterMaster:
         if self.process is not None and self.process.poll() is None:
             self.process.send_signal(signal.SIGKILL)
             self.process.wait()
+
+    def stop_clean(self, timeout: float = 120.0) -> float:
+        """SIGUSR1, as ``buildbot stop --clean``: Buildbot's clean shutdown (no new build
+        starts here, running builds finish, then the master stops); the seconds until it exited."""
+        assert self.process is not None and self.process.poll() is None, f"master {self.name} is not running"
+        began = time.monotonic()
+        self.process.send_signal(signal.SIGUSR1)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(
+                f"master {self.name} did not stop within {timeout:.0f}s of SIGUSR1\n{self.diagnostics()}"
+            ) from None
+        return time.monotonic() - began
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None

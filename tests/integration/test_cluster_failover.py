@@ -16,7 +16,7 @@ from buildbot.process.results import SUCCESS
 from twisted.internet import defer, reactor
 
 from buildbot_sshmux.demo import harness as T
-from buildbot_sshmux.worker.placement import rank
+from buildbot_sshmux.worker.placement import assign
 from tests import support as S
 from tests.realmaster import RealMasterCase
 
@@ -114,7 +114,7 @@ class ClusterFailoverTests(ClusterCase):
         masters = await self.start_masters()
         self.names = [T.worker_name(p, HOST) for p in PROJECTS]
         addresses = {f"127.0.0.1:{T.ssh_port(m)}": label for m, label in zip(masters, ("m1", "m2"))}
-        expected = {n: addresses[rank(n, [(a, 1.0) for a in addresses])[0]] for n in self.names}
+        expected = {n: addresses[o[0]] for n, o in assign(self.names, [(a, 1.0) for a in addresses]).items()}
         self.assertEqual(set(expected.values()), {"m1", "m2"}, "pick names that use both masters")
         launcher = self.start_launcher(self.cluster_config(masters))
         await self.wait_for(lambda: len(self.placement(masters)) == len(self.names), 60, "every session")
@@ -153,7 +153,7 @@ class ClusterDrainTests(ClusterCase):
         masters = await self.start_masters()
         self.names = [T.worker_name(p, HOST) for p in PROJECTS]
         addresses = {f"127.0.0.1:{T.ssh_port(m)}": label for m, label in zip(masters, ("m1", "m2"))}
-        expected = {n: addresses[rank(n, [(a, 1.0) for a in addresses])[0]] for n in self.names}
+        expected = {n: addresses[o[0]] for n, o in assign(self.names, [(a, 1.0) for a in addresses]).items()}
         launcher = self.start_launcher(self.cluster_config(masters))
         await self.wait_for(
             lambda: self.placement(masters) == expected, 60, "every session on its first master"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 import textwrap
 from collections import Counter
 from typing import Any
@@ -10,8 +11,10 @@ from twisted.internet.task import Clock
 from twisted.trial.unittest import TestCase
 
 from buildbot_sshmux.errors import ConfigError
+from buildbot_sshmux.wire.keys import generate_ed25519, write_private_key
 from buildbot_sshmux.worker import config as launcher_config
-from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer, rank
+from buildbot_sshmux.worker.launcher import Launcher
+from buildbot_sshmux.worker.placement import ClusterEndpoint, Rebalancer, assign, capacity, rank
 
 from .tmpdirs import scratch_dir
 
@@ -19,8 +22,19 @@ MASTERS = [("m1:2222", 1.0), ("m2:2222", 1.0), ("m3:2222", 1.0)]
 WORKERS = [f"project{i}-debian-sid" for i in range(200)]
 
 
+# Sets of 3 masters as a test's are: 127.0.0.1 and ports the kernel picked.
+ADDRESS_SETS = [
+    [(f"127.0.0.1:{port}", 1.0) for port in random.Random(seed).sample(range(32768, 61000), 3)]
+    for seed in range(40)
+]
+
+
 def first_choices(masters: list[tuple[str, float]]) -> Counter[str]:
     return Counter(rank(w, masters)[0] for w in WORKERS)
+
+
+def assigned(workers: list[str], masters: list[tuple[str, float]]) -> Counter[str]:
+    return Counter(order[0] for order in assign(workers, masters).values())
 
 
 class RankTests(TestCase):
@@ -28,11 +42,12 @@ class RankTests(TestCase):
         self.assertEqual([rank(w, MASTERS) for w in WORKERS], [rank(w, MASTERS[::-1]) for w in WORKERS])
         self.assertEqual(sorted(rank("w", MASTERS)), sorted(m for m, _ in MASTERS))
 
-    def test_200_sessions_spread_within_10_percent_of_even_over_3_masters(self) -> None:
-        counts = first_choices(MASTERS)
-        even = len(WORKERS) / len(MASTERS)
-        for master, n in counts.items():
-            self.assertLessEqual(abs(n - even), 0.1 * even, (master, counts))
+    def test_alone_it_spreads_200_sessions_over_3_masters_only_as_evenly_as_chance(self) -> None:
+        # Why `assign` bounds the first choices: a master off its even share
+        # by more than 10% is common (binomial: sd 6.7 sessions, 10% is 6.7).
+        even = len(WORKERS) / 3
+        worst = [max(abs(n - even) for n in first_choices(masters).values()) for masters in ADDRESS_SETS]
+        self.assertGreater(sum(w > 0.1 * even for w in worst), len(ADDRESS_SETS) // 4, worst)
 
     def test_losing_a_master_moves_only_its_sessions(self) -> None:
         before = {w: rank(w, MASTERS)[0] for w in WORKERS}
@@ -47,6 +62,61 @@ class RankTests(TestCase):
         weighted = [("m1:2222", 1.0), ("m2:2222", 3.0)]
         counts = Counter(rank(f"w{i}", weighted)[0] for i in range(4000))
         self.assertLess(abs(counts["m2:2222"] / 4000 - 0.75), 0.03, counts)
+
+
+class AssignTests(TestCase):
+    def test_200_sessions_spread_within_10_percent_of_even_over_3_masters(self) -> None:
+        even = len(WORKERS) / 3
+        for masters in [MASTERS, *ADDRESS_SETS]:
+            counts = assigned(WORKERS, masters)
+            for master, _weight in masters:
+                self.assertLessEqual(abs(counts[master] - even), 0.1 * even + 1e-9, (master, counts))
+
+    def test_a_session_leaves_its_ranked_first_master_only_if_that_one_is_full(self) -> None:
+        for masters in ADDRESS_SETS:
+            orders = assign(WORKERS, masters)
+            counts = Counter(order[0] for order in orders.values())
+            room = {m: capacity(len(WORKERS), 1.0, 3.0, 0.05) for m, _w in masters}
+            displaced = [w for w in WORKERS if orders[w][0] != rank(w, masters)[0]]
+            for worker in displaced:
+                self.assertEqual(counts[rank(worker, masters)[0]], room[rank(worker, masters)[0]])
+            self.assertLess(len(displaced), 0.15 * len(WORKERS))
+            for worker, order in orders.items():  # the rest of its order as ranked
+                self.assertEqual(order[1:], [m for m in rank(worker, masters) if m != order[0]])
+
+    def test_the_orders_depend_only_on_the_names_and_weights(self) -> None:
+        shuffled = WORKERS[::-1]
+        self.assertEqual(assign(WORKERS, MASTERS), assign(shuffled, MASTERS[::-1]))
+
+    def test_weights_share_sessions_in_proportion(self) -> None:
+        workers = [f"w{i}" for i in range(400)]
+        counts = assigned(workers, [("m1:2222", 1.0), ("m2:2222", 3.0), ("m3:2222", 2.0)])
+        for master, share in (("m1:2222", 400 / 6), ("m2:2222", 200.0), ("m3:2222", 400 / 3)):
+            self.assertLessEqual(abs(counts[master] - share), 0.1 * share, counts)
+
+    def test_few_sessions_or_one_master(self) -> None:
+        self.assertEqual(assign([], MASTERS), {})
+        self.assertEqual(assign(["w"], [("m1:2222", 1.0)]), {"w": ["m1:2222"]})
+        for n in range(1, 12):
+            counts = assigned([f"w{i}" for i in range(n)], MASTERS)
+            self.assertEqual(sum(counts.values()), n)
+            self.assertLessEqual(max(counts.values()) - min(counts[m] for m, _w in MASTERS), 2, counts)
+
+    def test_the_launcher_orders_each_sessions_masters_so(self) -> None:
+        directory = scratch_dir(self)
+        write_private_key(directory / "id_ed25519", generate_ed25519(), "test")
+        masters = ADDRESS_SETS[0]
+        members = ", ".join(f'"{m}"' for m, _w in masters)
+        workers = "".join(f'\n[[worker]]\nname = "{w}"\npassword = "p"\n' for w in WORKERS[:90])
+        path = directory / "ssh-worker.toml"
+        path.write_text(
+            f'[cluster]\nmasters = [{members}]\nhost_key = "SHA256:x"\nidentity = "id_ed25519"\n{workers}'
+        )
+        from twisted.internet import reactor  # not run: the launcher is never started
+
+        launcher = Launcher(launcher_config.load(path), reactor)
+        orders = {s.name: [link.address for link, _port in e.order] for s, e in launcher.rebalancer.placed()}
+        self.assertEqual(orders, assign(WORKERS[:90], masters))
 
 
 CLUSTER = """

@@ -125,6 +125,84 @@ class MasterShutdownTests(SessionTestCase):
         self.assertFalse(self.one.attached)
 
 
+class FakePerspective:
+    """A logged-in session's perspective: its broker, and the remote calls made on it."""
+
+    def __init__(self) -> None:
+        self.broker = FakeBroker()
+        self.broker.disconnected = False  # type: ignore[attr-defined]
+        self.calls: list[str] = []
+
+    def callRemote(self, name: str, *args: Any) -> defer.Deferred[None]:
+        self.calls.append(name)
+        return defer.succeed(None)
+
+
+class FakeBuilder:
+    protocol_command: object | None = None
+
+
+class MoveTests(SessionTestCase):
+    """A move: Buildbot's graceful shutdown of the worker, then a login elsewhere."""
+
+    def setUp(self) -> None:
+        super().setUp()
+        self.one = self.session("one-debian")
+        self.perspective = FakePerspective()
+        self.one.bf.perspective = self.perspective
+        self.transport = self.perspective.broker.transport
+
+    def release(self) -> None:
+        """The master's answer to the move: it calls remote_shutdown through PB."""
+        self.one.bot.remoteMessageReceived(self.perspective.broker, b"shutdown", (), {})
+
+    def test_busy_while_a_builder_runs_a_command(self) -> None:
+        builder = FakeBuilder()
+        self.one.bot.builders["proj"] = builder
+        self.assertFalse(self.one.busy)
+        builder.protocol_command = object()  # buildbot-worker's PB bot: the command is the builder's
+        self.assertTrue(self.one.busy)
+
+    def test_released_it_leaves_a_moment_later_and_is_not_stopped(self) -> None:
+        self.one.move()
+        self.assertEqual(self.perspective.calls, ["shutdown"])
+        self.assertTrue(self.one.moving)
+        self.release()
+        self.clock.advance(WorkerSession.release_grace - 0.01)
+        self.assertFalse(self.transport.disconnecting)
+        self.clock.advance(0.01)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.one.moving)
+        self.assertFalse(self.one.stopped_by_master)
+
+    def test_a_build_starting_as_it_is_released_is_not_cut(self) -> None:
+        # Buildbot releases an idle worker while a build it chose the worker
+        # for is starting: the build's ping follows the release.
+        self.one.move()
+        self.release()
+        self.one.bot.remoteMessageReceived(self.perspective.broker, b"print", ("ping",), {})
+        self.clock.advance(5)
+        self.assertFalse(self.transport.disconnecting, "the starting build was cut")
+        self.assertTrue(self.one.moving)
+        self.release()  # at that build's end, Buildbot releases the worker again
+        self.clock.advance(WorkerSession.release_grace)
+        self.assertTrue(self.transport.disconnecting)
+        self.assertFalse(self.one.stopped_by_master)
+
+    def test_a_command_running_when_it_would_leave_is_not_cut(self) -> None:
+        builder = FakeBuilder()
+        self.one.bot.builders["proj"] = builder
+        self.one.move()
+        self.release()
+        builder.protocol_command = object()
+        self.clock.advance(5)
+        self.assertFalse(self.transport.disconnecting)
+        builder.protocol_command = None
+        self.release()
+        self.clock.advance(WorkerSession.release_grace)
+        self.assertTrue(self.transport.disconnecting)
+
+
 class FailedLoginTests(SessionTestCase):
     def setUp(self) -> None:
         super().setUp()
