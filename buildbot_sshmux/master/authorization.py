@@ -85,7 +85,7 @@ class WorkerLogin:
                 fingerprint=self.entry.fingerprint,
                 where=where,
                 worker=short_repr(username),
-                allowed=",".join(self.entry.workers),
+                allowed=self.entry.workers_text,
             )
             return "a worker name this host may not attach"
         return None
