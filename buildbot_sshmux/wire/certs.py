@@ -14,6 +14,10 @@ publickey request or a KEXINIT may differ for RSA
 (``rsa-sha2-512-cert-v01@openssh.com``); the signature inside is made by the
 certified key's plain private key and is named by the plain algorithm
 (``rsa-sha2-512``, ``ssh-ed25519``).
+
+Needs cryptography 41.0.2 or newer (setup.cfg): 41.0.0 and 41.0.1 write and
+read a critical option's value without its inner string, so their
+``source-address`` is not the one ``ssh-keygen`` writes and reads.
 """
 
 from __future__ import annotations
