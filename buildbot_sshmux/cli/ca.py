@@ -186,9 +186,13 @@ def cmd_sign(args: argparse.Namespace) -> int:
     print(f"  valid from {certs.when(after)} to {certs.when(before)}")
     beside = f"{pub.name.removesuffix('.pub')}-cert.pub"
     if kind == certs.USER:
-        print(f"on the worker host, put it beside the private key, as {beside}: ssh-worker offers it")
+        print(
+            f"ssh-worker offers {beside} from beside the host's private key (copy it there if signed elsewhere)"
+        )
     else:
-        print(f"on the master, put it beside the host key, as {beside}: the master offers it within seconds")
+        print(
+            f"the master offers {beside} from beside its host key within seconds (copy it there if signed elsewhere)"
+        )
     return 0
 
 

@@ -679,11 +679,11 @@ class MasterLink(service.Service):
         if cert is not None:
             left = cert.valid_before - self.reactor.seconds()
             if left < self.certificate_warning_days * 86400:
+                left = max(0.0, left)
                 log.warn(
-                    "this host's {certificate} expires in {days:.1f} days ({until}): renew it and put it"
-                    " in {path}",
+                    "this host's {certificate} expires in {left} ({until}): renew it and put it in {path}",
                     certificate=cert.describe(),
-                    days=max(0.0, left / 86400),
+                    left=f"{left / 86400:.1f} days" if left >= 2 * 86400 else f"{left / 3600:.1f} hours",
                     until=certs.when(cert.valid_before),
                     path=self.certificate,
                 )

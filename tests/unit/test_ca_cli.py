@@ -98,7 +98,9 @@ class CATests(TestCase):
         self.assertEqual((cert.kind, cert.serial, cert.key_id), (certs.HOST, 9, "m1-2026"))
         self.assertEqual((certs.when(cert.valid_after), certs.when(cert.valid_before)),
                          ("2026-01-01T00:00:00Z", "2027-01-01T00:00:00Z"))  # fmt: skip
-        self.assertIn("the master offers it within seconds", out)
+        self.assertIn(
+            "the master offers ssh_host_ed25519_key-cert.pub from beside its host key within seconds", out
+        )
         self.assertIn("host certificate", keygen_list(self.dir / "ssh_host_ed25519_key-cert.pub"))
 
     def test_sign_with_source_address(self) -> None:

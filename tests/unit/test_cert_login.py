@@ -337,7 +337,7 @@ class OurCertificates(Refusals, TestCase):
 
     def test_expiring_certificate_is_a_warning_at_login(self) -> None:
         self.connected(self.pair(self.make()))  # valid for an hour
-        self.assertTrue(self.logs.matching("expires in 0.0 days", "renew it"))
+        self.assertTrue(self.logs.matching("expires in 1.0 hours", "renew it"))
 
 
 class LiveConnections(Harness, TestCase):
