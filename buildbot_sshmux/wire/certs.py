@@ -29,7 +29,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from attrs import frozen
-from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.serialization import ssh
 from twisted.conch.ssh import keys
 from twisted.conch.ssh.common import getNS
@@ -214,7 +214,7 @@ def parse_certificate(blob: bytes) -> Certificate:
         )
     try:
         cert.verify_cert_signature()
-    except (InvalidSignature, ValueError):
+    except Exception:  # InvalidSignature; ValueError (and others) for a malformed signature
         raise CertificateError("its CA signature is not valid") from None
     try:
         key = keys.Key(cert.public_key())
