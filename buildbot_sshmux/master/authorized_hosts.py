@@ -22,7 +22,8 @@ Each certificate names its host (see ``master/certauth.py`` for the
 principals, validity and revocation rules); ``{host}`` in ``workers=`` stands
 for that name, and ``principals="GLOB,..."`` limits the host names this CA
 may certify (default: any).  ``from=`` and ``max-channels=`` apply to every
-host of the CA.  The CA's key itself never logs in.
+host of the CA; ``workers=`` is required (``"*"`` if every certified host may
+use every name).  The CA's key itself never logs in.
 
 Comments, blank lines and quoted options follow OpenSSH's syntax.  A bad line
 is reported with its file:line and skipped: it never locks the other hosts
@@ -245,6 +246,9 @@ def parse_line(line: str, source: str = "<config>") -> HostEntry | None:
         name = options.get("host") or (comment.split()[0] if comment else "")
     if not name:
         raise LineError('no host name: add host="NAME" or a comment after the key')
+    if authority and "workers" not in options:
+        # Every host the CA certifies would get every worker name: say so if it is meant.
+        raise LineError('a cert-authority line needs workers= (e.g. workers="*-{host}", or workers="*")')
     workers: tuple[str, ...] = ("*",)
     if "workers" in options:
         patterns = tuple(p.strip() for p in (options["workers"] or "").split(",") if p.strip())

@@ -456,3 +456,44 @@ class RawRequests(TestCase):
         wire.flush()
         self.assertEqual(client.auth.replies(userauth.MSG_USERAUTH_PK_OK), [])
         self.assertTrue(self.logs.matching("refused a certificate", "CA signature is not valid"))
+
+
+class CertAuthorityLines(TestCase):
+    """The cert-authority line of authorized_hosts."""
+
+    def test_a_ca_line(self) -> None:
+        entry = ca_line(
+            options='workers="*-{host},docs-*",principals="debian-*",from="10.0.0.0/8",max-channels=9'
+        )
+        self.assertEqual(
+            (entry.cert_authority, entry.name, entry.workers, entry.principals, entry.from_patterns),
+            (True, "hosts-ca", ("*-{host}", "docs-*"), ("debian-*",), ("10.0.0.0/8",)),
+        )
+        self.assertEqual(entry.max_channels, 9)
+        self.assertFalse(entry.may_attach("docs-1"))  # never by itself
+
+    def test_refused_lines(self) -> None:
+        from buildbot_sshmux.master.authorized_hosts import LineError
+
+        key = public_line(CA)
+        for line, why in (
+            (f"cert-authority {key}", "needs workers="),
+            (f'cert-authority,host="x",workers="*" {key}', "remove host="),
+            (f'cert-authority=yes,workers="*" {key}', "takes no value"),
+            (f'host="x",principals="a" {key}', "for cert-authority lines only"),
+            (f'host="x",workers="*-{{host}}" {key}', "only {host}, on a cert-authority line"),
+            (f'cert-authority,workers="*-{{name}}" {key}', "only {host}"),
+            (f'cert-authority,workers="*",principals="" {key}', "allows no host"),
+        ):
+            with self.assertRaises(LineError) as caught:
+                parse_line(line)
+            self.assertIn(why, str(caught.exception), line)
+
+    def test_a_plain_line_of_the_ca_key_is_a_duplicate(self) -> None:
+        from buildbot_sshmux.master.authorized_hosts import parse_lines
+
+        entries, errors = parse_lines(
+            [f'cert-authority,workers="*" {public_line(CA)}', f'host="x" {public_line(CA)}'], "ah"
+        )
+        self.assertEqual(len(entries), 1)
+        self.assertIn("ah:2: the key", errors[0])
