@@ -31,3 +31,13 @@ class HostKeyMismatch(SSHMuxError):
 
 class ChannelRefused(SSHMuxError):
     """The master refused to open a channel for a worker session."""
+
+
+class HostCertificateRefused(SSHMuxError):
+    """The master offered a host certificate that this launcher does not accept."""
+
+    def __init__(self, address: str, certificate: str, why: str) -> None:
+        self.address = address
+        super().__init__(
+            f"host certificate of {address} ({certificate}) is refused: {why}; refusing to connect"
+        )

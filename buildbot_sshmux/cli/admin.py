@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from buildbot_sshmux.cli import add_version, hosts, plain, run
+from buildbot_sshmux.cli import add_version, ca, hosts, plain, run
 from buildbot_sshmux.errors import SSHMuxError
 from buildbot_sshmux.wire.address import parse_address
 from buildbot_sshmux.wire.defaults import EXAMPLE_HOST, MASTER_CONTROL_SOCKET, PB_PORT, SSH_PORT
@@ -250,6 +250,7 @@ def parser() -> argparse.ArgumentParser:
     )
     status.set_defaults(func=cmd_status)
     hosts.add_parsers(sub)
+    ca.add_parsers(sub)
     # The demo's own parser (buildbot_sshmux.demo.run.parser) reads its options: -h, --projects,
     # --keep, and reports a bad one in one line, exit 2.  No argument can hold a NUL, so with
     # prefix_chars="\0" none looks like an option here and all of them reach that parser.

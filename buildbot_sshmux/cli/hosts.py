@@ -59,20 +59,40 @@ def _read_public_key(source: str) -> tuple[keys.Key, str]:
 
 def cmd_authorize(args: argparse.Namespace) -> int:
     path = hosts_file(args, must_exist=False)
+    if args.cert_authority == bool(args.host):
+        raise SSHMuxError(
+            "give --host NAME for a host's key, or --cert-authority for a CA's key (its certificates name their hosts)"
+        )
+    if args.principals and not args.cert_authority:
+        raise SSHMuxError("--principals is for --cert-authority: the host names the CA may certify")
     key, comment = _read_public_key(args.pubkey)
     workers = _split(args.workers)
     if not workers:
         raise SSHMuxError("--workers needs at least one pattern, e.g. --workers '*-debian-sid'")
     try:
         line = authorized_hosts.format_entry(
-            args.host, key, workers, _split(args.from_), args.max_channels, comment
+            args.host or "",
+            key,
+            workers,
+            _split(args.from_),
+            args.max_channels,
+            comment,
+            cert_authority=args.cert_authority,
+            principals=_split(args.principals),
         )
         authorized_hosts.add_entry(path, line)
     except LineError as e:
         raise SSHMuxError(f"{path}: {e}") from None
     except authorized_hosts.EditError as e:
         raise SSHMuxError(str(e)) from None
-    print(f"authorized host {args.host} ({authorized_hosts.parse_line(line).fingerprint}) in {path}")  # type: ignore[union-attr]
+    entry = authorized_hosts.parse_line(line)
+    assert entry is not None
+    if args.cert_authority:
+        print(
+            f"authorized CA {entry.name} ({entry.fingerprint}) for worker names {','.join(workers)} in {path}"
+        )
+    else:
+        print(f"authorized host {args.host} ({entry.fingerprint}) in {path}")
     print(f"every running master whose authorized_hosts is {path} applies it within seconds")
     return 0
 
@@ -100,7 +120,11 @@ def cmd_list(args: argparse.Namespace) -> int:
     except OSError as e:
         raise SSHMuxError(f"{path} cannot be read ({e.strerror})") from None
     rows = [("HOST", "FINGERPRINT", "WORKERS", "FROM")]
-    rows += [(e.name, e.fingerprint, ",".join(e.workers), ",".join(e.from_patterns) or "*") for e in entries]
+    rows += [
+        (f"CA {e.name}" if e.cert_authority else e.name, e.fingerprint, ",".join(e.workers),
+         ",".join(e.from_patterns) or "*")
+        for e in entries
+    ]  # fmt: skip
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for row in rows:
         print("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[3])
@@ -122,7 +146,13 @@ def add_parsers(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-a
 
     auth = intermixed(sub.add_parser("authorize", help="let a worker host's key in, as some worker names"))
     common(auth)
-    auth.add_argument("--host", required=True, help="the host's name, in logs")
+    auth.add_argument("--host", help="the host's name, in logs")
+    auth.add_argument(
+        "--cert-authority",
+        action="store_true",
+        help="PUBKEY is a CA's: hosts log in with its certificates ({host} in --workers: each one's name)",
+    )
+    auth.add_argument("--principals", help="with --cert-authority: host names it may certify, 'GLOB,...'")
     auth.add_argument("--workers", required=True, help="worker names it may use: 'GLOB,...'")
     auth.add_argument("--from", dest="from_", help="source addresses: 'CIDR,PATTERN,!PATTERN,...'")
     auth.add_argument("--max-channels", type=int, help="sessions at once on its connection")

@@ -129,6 +129,9 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     path = Path(args.path)
     if path.exists():
         raise SSHMuxError(f"{path} exists; choose another path or remove it first")
+    stale = Path(f"{path}-cert.pub")
+    if stale.exists():  # it certifies another key: the launcher would offer it with the new one
+        raise SSHMuxError(f"{stale} exists and certifies another key; remove it first")
     passphrase = None
     if args.passphrase:
         passphrase = getpass.getpass("passphrase for the new key: ").encode("utf-8")
@@ -140,6 +143,8 @@ def cmd_keygen(args: argparse.Namespace) -> int:
     print(f"wrote {path} (mode 0600) and {path}.pub; fingerprint {fingerprint(key)}")
     print("send this line to the master's administrator:")
     print(public_line(key, comment))
+    print(f"(with a certificate authority: have {path}.pub signed, and put the certificate in {stale};")
+    print(" ssh-worker offers it first)")
     return 0
 
 

@@ -103,7 +103,7 @@ class WorkerLogin:
                 fingerprint=self.entry.fingerprint,
                 where=where,
                 worker=short_repr(username),
-                allowed=",".join(self.entry.workers),
+                allowed=self.entry.workers_text,
             )
             self.note_refused(username, "worker_not_allowed")
             return "worker_not_allowed"

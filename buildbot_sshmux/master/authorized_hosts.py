@@ -13,6 +13,18 @@ The host's name is the ``host=`` option, else the key's comment.  Options:
   (addresses only: names are not resolved);
 - ``max-channels=N``: worker sessions open at once on its connection.
 
+A ``cert-authority`` line trusts the OpenSSH user certificates that its key
+(a CA's) signed, as sshd's ``authorized_keys`` does::
+
+    cert-authority,workers="*-{host}",principals="debian-*,fedora-*" ssh-ed25519 AAAAC3Nz... hosts-ca
+
+Each certificate names its host (see ``master/certauth.py`` for the
+principals, validity and revocation rules); ``{host}`` in ``workers=`` stands
+for that name, and ``principals="GLOB,..."`` limits the host names this CA
+may certify (default: any).  ``from=`` and ``max-channels=`` apply to every
+host of the CA; ``workers=`` is required (``"*"`` if every certified host may
+use every name).  The CA's key itself never logs in.
+
 Comments, blank lines and quoted options follow OpenSSH's syntax.  A bad line
 is reported with its file:line and skipped: it never locks the other hosts
 out and never lets anyone in.
@@ -41,6 +53,7 @@ from pathlib import Path
 from attrs import frozen
 from twisted.conch.ssh import keys
 
+from buildbot_sshmux.wire.certs import Certificate
 from buildbot_sshmux.wire.keys import fingerprint
 
 KEY_TYPES = frozenset(
@@ -52,7 +65,8 @@ KEY_TYPES = frozenset(
         "ecdsa-sha2-nistp521",
     }
 )
-KNOWN_OPTIONS = frozenset({"host", "workers", "from", "max-channels"})
+KNOWN_OPTIONS = frozenset({"host", "workers", "from", "max-channels", "cert-authority", "principals"})
+HOST_TOKEN = "{host}"  # in a cert-authority line's workers=: the certificate's host name
 
 
 @frozen
@@ -65,10 +79,22 @@ class HostEntry:
     source: str = "<config>"
     from_patterns: tuple[str, ...] = ()
     max_channels: int | None = None
+    cert_authority: bool = False  # a CA line: ``key`` signs hosts' certificates, never logs in
+    principals: tuple[str, ...] = ("*",)  # a CA line's principals=: host names it may certify
+    # A host logged in with a certificate: the certificate, and its workers:
+    # principals, which narrow ``workers`` (the CA line's) and never widen them.
+    certificate: Certificate | None = None
+    cert_workers: tuple[str, ...] = ()
 
     @property
     def fingerprint(self) -> str:
         return fingerprint(self.key)
+
+    @property
+    def workers_text(self) -> str:
+        """The worker names it may use, for a log line."""
+        text = ",".join(self.workers)
+        return f"{text} and {','.join(self.cert_workers)}" if self.cert_workers else text
 
     def allows_address(self, address: str) -> bool:
         """Whether ``from=`` lets this host connect from ``address``."""
@@ -76,6 +102,10 @@ class HostEntry:
 
     def may_attach(self, worker_name: str) -> bool:
         """Whether this host may log in as ``worker_name``."""
+        if self.cert_authority:
+            return False
+        if self.cert_workers and not any(fnmatch.fnmatchcase(worker_name, p) for p in self.cert_workers):
+            return False
         return any(fnmatch.fnmatchcase(worker_name, p) for p in self.workers)
 
 
@@ -201,15 +231,42 @@ def parse_line(line: str, source: str = "<config>") -> HostEntry | None:
         raise LineError(f"bad {keytype} key ({e or 'cannot decode'})") from None
     if key.sshType().decode("ascii") != keytype:
         raise LineError(f"key data is {key.sshType().decode()}, line says {keytype}")
-    name = options.get("host") or (comment.split()[0] if comment else "")
+    authority = "cert-authority" in options
+    if authority and options["cert-authority"] is not None:
+        raise LineError("cert-authority takes no value")
+    if authority and "host" in options:
+        raise LineError(
+            "host= names one host: on a cert-authority line each certificate names its host; remove host="
+        )
+    if "principals" in options and not authority:
+        raise LineError("principals= is for cert-authority lines only")
+    if authority:
+        name = comment.split()[0] if comment else "cert-authority"
+    else:
+        name = options.get("host") or (comment.split()[0] if comment else "")
     if not name:
         raise LineError('no host name: add host="NAME" or a comment after the key')
+    if authority and "workers" not in options:
+        # Every host the CA certifies would get every worker name: say so if it is meant.
+        raise LineError('a cert-authority line needs workers= (e.g. workers="*-{host}", or workers="*")')
     workers: tuple[str, ...] = ("*",)
     if "workers" in options:
         patterns = tuple(p.strip() for p in (options["workers"] or "").split(",") if p.strip())
         if not patterns:
             raise LineError('workers="" allows no worker name; list at least one pattern')
         workers = patterns
+    for pattern in workers:
+        rest = pattern.replace(HOST_TOKEN, "") if authority else pattern
+        if "{" in rest or "}" in rest:
+            raise LineError(
+                f"workers= pattern {pattern!r}: only {HOST_TOKEN}, on a cert-authority line, may be"
+                " in braces (it stands for the certificate's host name)"
+            )
+    principals: tuple[str, ...] = ("*",)
+    if "principals" in options:
+        principals = tuple(p.strip() for p in (options["principals"] or "").split(",") if p.strip())
+        if not principals:
+            raise LineError('principals="" allows no host; list at least one pattern')
     from_patterns: tuple[str, ...] = ()
     if "from" in options:
         from_patterns = tuple(p.strip() for p in (options["from"] or "").split(",") if p.strip())
@@ -230,6 +287,8 @@ def parse_line(line: str, source: str = "<config>") -> HostEntry | None:
         source=source,
         from_patterns=from_patterns,
         max_channels=max_channels,
+        cert_authority=authority,
+        principals=principals,
     )
 
 
@@ -294,12 +353,19 @@ def format_entry(
     from_patterns: tuple[str, ...] = (),
     max_channels: int | None = None,
     comment: str = "",
+    cert_authority: bool = False,
+    principals: tuple[str, ...] = (),
 ) -> str:
-    """One authorized_hosts line for a host (checked by parsing it back)."""
-    for value in (name, *workers, *from_patterns):
+    """One authorized_hosts line for a host, or for a CA (checked by parsing it back)."""
+    for value in (name, *workers, *from_patterns, *principals):
         if '"' in value or "\n" in value:
             raise LineError(f"{value!r} may not contain a double quote or a newline")
-    options = [f'host="{name}"', f'workers="{",".join(workers)}"']
+    if cert_authority:
+        options = ["cert-authority", f'workers="{",".join(workers)}"']
+        if principals:
+            options.append(f'principals="{",".join(principals)}"')
+    else:
+        options = [f'host="{name}"', f'workers="{",".join(workers)}"']
     if from_patterns:
         options.append(f'from="{",".join(from_patterns)}"')
     if max_channels is not None:
@@ -455,7 +521,8 @@ def remove_entries(
                 entry = parse_line(raw.decode("utf-8"), f"{path}:{number}")
             except (LineError, UnicodeDecodeError):
                 entry = None
-            if entry is not None and (entry.name == host or entry.fingerprint == key_fingerprint):
+            named = host is not None and entry is not None and not entry.cert_authority and entry.name == host
+            if entry is not None and (named or entry.fingerprint == key_fingerprint):
                 removed.append(entry)
             else:
                 kept.append(raw)

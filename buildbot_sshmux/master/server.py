@@ -37,6 +37,7 @@ from twisted.python.failure import Failure
 from twisted.spread import pb
 from zope.interface import implementer
 
+from buildbot_sshmux.master import certauth, hostcerts
 from buildbot_sshmux.master.authorization import WorkerLogin
 from buildbot_sshmux.master.authorized_hosts import HostEntry
 from buildbot_sshmux.master.limits import (
@@ -50,6 +51,7 @@ from buildbot_sshmux.master.limits import (
 )
 from buildbot_sshmux.master.pbinput import PBChannel, PBInputLimits
 from buildbot_sshmux.master.stats import ServerStats
+from buildbot_sshmux.wire import certs
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.wire.keys import fingerprint
 from buildbot_sshmux.wire.liveness import DRAINING_REQUEST, KEEPALIVE_REQUEST, Keepalive, Liveness
@@ -111,10 +113,12 @@ class AuthorizedHostsChecker:
         entries: Callable[[], Iterable[HostEntry]],
         peer: str | None = None,
         on_refused: Callable[[str, str | None], object] | None = None,
+        authority: certauth.CertificateAuthority | None = None,
     ) -> None:
         self._entries = entries
         self._peer = peer
         self._on_refused = on_refused  # (reason, host name or None): ServerStats.refused
+        self._authority = authority
 
     def _refused(self, reason: str, entry: HostEntry | None) -> defer.Deferred[Any]:
         if self._on_refused is not None:
@@ -122,8 +126,14 @@ class AuthorizedHostsChecker:
         return defer.fail(error.UnauthorizedLogin())
 
     def requestAvatarId(self, creds: Any) -> defer.Deferred[Any]:
+        if certs.is_certificate(creds.blob):  # master/certauth.py decides
+            if self._authority is None:
+                return defer.fail(error.UnauthorizedLogin())
+            return self._authority.check(creds, self._peer)
         where = f" from {self._peer}" if self._peer else ""
-        entry = next((e for e in self._entries() if e.key.blob() == creds.blob), None)
+        entry = next(
+            (e for e in self._entries() if e.key.blob() == creds.blob and not e.cert_authority), None
+        )
         if entry is None:
             try:
                 offered = fingerprint(keys.Key.fromString(creds.blob))
@@ -357,7 +367,7 @@ class HostAvatar(ConchUser):
                     "{who} may no longer attach worker {worker!r} (workers={allowed}); closing its session",
                     who=self.describe(),
                     worker=worker,
-                    allowed=",".join(entry.workers),
+                    allowed=entry.workers_text,
                 )
                 channel.loseConnection()
 
@@ -428,7 +438,9 @@ class MuxUserAuthServer(userauth.SSHUserAuthServer):
     def serviceStarted(self) -> None:
         super().serviceStarted()
         factory = self.transport.factory
-        checker = AuthorizedHostsChecker(factory.entries, self.transport.source, factory.stats.refused)
+        checker = AuthorizedHostsChecker(
+            factory.entries, self.transport.source, factory.stats.refused, factory.authority
+        )
         self.portal = portal.Portal(factory.realm, [checker])
         self.supportedAuthentications = [b"publickey"]
         self.max_tries = factory.limits.max_auth_tries
@@ -514,6 +526,8 @@ class MuxUserAuthServer(userauth.SSHUserAuthServer):
                 b"oversized authentication request",
             )
             return defer.fail(IgnoreAuthentication())
+        if certs.is_certificate(blob):  # which Conch's auth_publickey cannot parse
+            return certauth.certificate_publickey(self, packet)
         try:
             keys.Key.fromString(blob)
         except Exception:
@@ -925,9 +939,11 @@ class SSHMuxFactory(factory.SSHFactory):
         liveness: Liveness = Liveness(),
         pb_input: PBInputLimits = PBInputLimits(),
         stats: ServerStats | None = None,
+        host_certificates: Sequence[certs.Certificate] = (),
     ) -> None:
         self.host_keys = list(host_keys)
         self.stats = stats if stats is not None else ServerStats(reactor)
+        self.host_certificates = list(host_certificates)  # each certifies one of host_keys
         self.pb_input = pb_input
         self.pb_lookup = pb_lookup
         self.reactor = reactor
@@ -942,13 +958,16 @@ class SSHMuxFactory(factory.SSHFactory):
         self.peer_logs = PeerLogs(log, reactor)
         self.drop_logs = PeerLogs(log, reactor)
         self.realm = HostRealm(self)
-        self.portal = portal.Portal(self.realm, [AuthorizedHostsChecker(entries)])
+        self.authority = certauth.CertificateAuthority(entries, reactor)
+        self.portal = portal.Portal(self.realm, [AuthorizedHostsChecker(entries, authority=self.authority)])
 
-    def getPublicKeys(self) -> dict[bytes, keys.Key]:
-        return {key.sshType(): key.public() for key in self.host_keys}
+    def getPublicKeys(self) -> dict[bytes, Any]:
+        plain = {key.sshType(): key.public() for key in self.host_keys}
+        return {**hostcerts.by_algorithm(self.host_keys, self.host_certificates), **plain}
 
-    def getPrivateKeys(self) -> dict[bytes, keys.Key]:
-        return {key.sshType(): key for key in self.host_keys}
+    def getPrivateKeys(self) -> dict[bytes, Any]:
+        plain = {key.sshType(): key for key in self.host_keys}
+        return {**hostcerts.by_algorithm(self.host_keys, self.host_certificates), **plain}
 
     def getPrimes(self) -> None:
         return None
@@ -1026,18 +1045,23 @@ class SSHMuxFactory(factory.SSHFactory):
         """
         by_key: dict[bytes, HostEntry] = {}
         for listed in self.entries():
-            by_key.setdefault(listed.key.blob(), listed)
+            if not listed.cert_authority:
+                by_key.setdefault(listed.key.blob(), listed)
         for conn in list(self.connections):
             avatar = getattr(conn, "avatar", None)
             if not isinstance(avatar, HostAvatar):
                 continue
-            entry = by_key.get(avatar.entry.key.blob())
             peer = avatar.peer_address()
+            why = ""
+            if avatar.entry.certificate is not None:  # re-derived from its CA's line and the revocations
+                entry, why = self.authority.recheck(avatar.entry, getattr(peer, "host", None))
+            else:
+                entry = by_key.get(avatar.entry.key.blob())
             if entry is None or (peer is not None and not entry.allows_address(peer.host)):
                 conn.sendDisconnect(
                     transport.DISCONNECT_BY_APPLICATION,
                     b"this host's key is no longer authorized",
-                    why=f"{avatar.describe()} is no longer authorized",
+                    why=f"{avatar.describe()} is no longer authorized{': ' + why if why else ''}",
                 )
             elif entry != avatar.entry:
                 avatar.update_entry(entry)

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import inspect
 import os
+import time
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -40,6 +41,7 @@ from twisted.logger import Logger
 from buildbot_sshmux.errors import KeyFileError, SSHMuxError
 from buildbot_sshmux.master import authorized_hosts
 from buildbot_sshmux.master.authorized_hosts import HostEntry
+from buildbot_sshmux.master.certfiles import CertificateFiles
 from buildbot_sshmux.master.limits import ServerLimits, StartupGate
 from buildbot_sshmux.master.orphans import OrphanedClaims
 from buildbot_sshmux.master.pbinput import PBInputLimits
@@ -172,6 +174,8 @@ class SSHMuxService(service.BuildbotService):
         debug: bool = False,
         control_socket: str | None = DEFAULT_CONTROL_SOCKET,
         metrics: int | str | None = None,
+        host_certificates: Sequence[str] = (),
+        revoked_certificates: str | None = None,
         **limits: Any,
     ) -> None:
         if not isinstance(debug, bool):
@@ -201,8 +205,12 @@ class SSHMuxService(service.BuildbotService):
         # any cwd; otherwise they are checked when the service starts.
         basedir = config_basedir()
         paths = [*host_keys, *([authorized_hosts] if authorized_hosts else [])]
+        paths += [*host_certificates, *([revoked_certificates] if revoked_certificates else [])]
         if basedir is not None or all(os.path.isabs(os.path.expanduser(p)) for p in paths):
             self._check_files(basedir or os.getcwd(), host_keys, authorized_hosts)
+            self._check_certificate_files(
+                basedir or os.getcwd(), host_keys, host_certificates, revoked_certificates
+            )
         _entries, errors = _load_entries(basedir or os.getcwd(), None, hosts)
         for message in errors:
             config.error(message)
@@ -243,6 +251,21 @@ class SSHMuxService(service.BuildbotService):
             for message in errors:
                 warnings.warn(ConfigWarning(f"SSHMuxService: {message}"), stacklevel=2)
 
+    @staticmethod
+    def _check_certificate_files(
+        basedir: str, host_keys: Sequence[str], host_certificates: Sequence[str], revoked: str | None
+    ) -> None:
+        try:
+            loaded = _load_host_keys(basedir, host_keys)
+        except KeyFileError:
+            return  # _check_files said so
+        files = CertificateFiles(basedir, host_keys, loaded, host_certificates, revoked)
+        errors, warnings_ = files.load(time.time())
+        for message in errors:
+            config.error(f"SSHMuxService: {message}")
+        for message in warnings_:
+            warnings.warn(ConfigWarning(f"SSHMuxService: {message}"), stacklevel=2)
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.factory: SSHMuxFactory | None = None
@@ -260,6 +283,7 @@ class SSHMuxService(service.BuildbotService):
         self._control: tuple[Path, IListeningPort] | None = None
         self._metrics_wanted: str | None = None
         self._metrics: tuple[str, IListeningPort] | None = None
+        self._cert_files: CertificateFiles | None = None
 
     @defer.inlineCallbacks
     def reconfigService(  # type: ignore[override]
@@ -271,6 +295,8 @@ class SSHMuxService(service.BuildbotService):
         debug: bool = False,
         control_socket: str | None = DEFAULT_CONTROL_SOCKET,
         metrics: int | str | None = None,
+        host_certificates: Sequence[str] = (),
+        revoked_certificates: str | None = None,
         **limits: Any,
     ) -> Any:
         basedir = self.master.basedir
@@ -289,6 +315,14 @@ class SSHMuxService(service.BuildbotService):
             loaded_keys = _load_host_keys(basedir, host_keys)
         except KeyFileError as e:
             config.error(f"SSHMuxService: {e}")
+        cert_files = CertificateFiles(
+            basedir, host_keys, loaded_keys, host_certificates, revoked_certificates
+        )
+        cert_errors, cert_warnings = cert_files.load(self.master.reactor.seconds())
+        for message in cert_errors:
+            config.error(f"SSHMuxService: {message}")
+        for message in cert_warnings:
+            log.warn("SSHMuxService: {warning}", warning=message)
         self._hosts_file = _resolve(basedir, authorized_hosts) if authorized_hosts else None
         self._hosts_inline = hosts
         try:
@@ -311,6 +345,9 @@ class SSHMuxService(service.BuildbotService):
         self.factory.flow, self.factory.limits, self.factory.liveness = flow, server_limits, liveness
         self.factory.pb_input = pb_input
         self.factory.startup_gate = StartupGate(*server_limits.max_startups)
+        self._cert_files = cert_files
+        cert_files.apply(self.factory)  # host certificates and the revocation list
+        self.factory.apply_entries()
         self._listen_args = listen_args
         self._port = str(port)
         yield OrphanedClaims.follow_config(self)  # a cluster: release what dead masters hold
@@ -322,7 +359,7 @@ class SSHMuxService(service.BuildbotService):
             yield self._start_listening(self._port)
         yield self._serve_control()
         yield self._serve_metrics()
-        self._watch = task.LoopingCall(self._check_hosts_file)
+        self._watch = task.LoopingCall(self._check_watched_files)
         self._watch.clock = self.master.reactor
         self._watch.start(self.reload_interval, now=False)
         self._shutdown_watch = task.LoopingCall(self._watch_shutdown)
@@ -331,6 +368,11 @@ class SSHMuxService(service.BuildbotService):
 
     shutdown_check_interval = 0.5
     """Seconds between looks at whether a clean shutdown has begun (one attribute read)."""
+
+    def _check_watched_files(self) -> None:
+        self._check_hosts_file()
+        if self._cert_files is not None and self.factory is not None:
+            self._cert_files.check(self.factory, self.master.reactor.seconds())
 
     def _watch_shutdown(self) -> None:
         # A clean shutdown (`buildbot stop --clean`, SIGUSR1) runs builds to

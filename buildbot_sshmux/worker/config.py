@@ -5,7 +5,9 @@
     [master]
     address = "buildmaster.example.org:2222"  # the port defaults to 2222
     host_key = "ssh-ed25519 AAAA..."      # pinned (a key line or SHA256:...); or known_hosts = "path"
+    # or host_ca = "ssh-ed25519 AAAA...": any host key with a host certificate of that CA
     identity = "id_ed25519"               # this host's private key (OpenSSH format)
+    # its certificate, if id_ed25519-cert.pub is beside it, is offered first
     pb_port = 9989                        # the master's PB port, reached through the channel
 
     [[worker]]
@@ -85,7 +87,7 @@ else:  # pragma: no cover
 
 MASTER_KEYS = {
     "name", "address", "host_key", "known_hosts", "identity", "identity_passphrase_file",
-    "pb_port", "username", "proxy", *fields_dict(Liveness),
+    "pb_port", "username", "proxy", "host_ca", "identity_certificate", *fields_dict(Liveness),
 }  # fmt: skip
 WORKER_KEYS = {
     "name", "password", "password_file", "basedir", "master", "keepalive", "umask", "numcpus",
@@ -94,7 +96,7 @@ WORKER_KEYS = {
 CLUSTER_KEYS = (MASTER_KEYS - {"address"}) | {"masters"}
 PATTERN_KEYS = {"name", "basedir", "password_file"}  # where a [[workers]] table's {project} goes
 # What a [cluster] masters entry may set for itself.
-MEMBER_KEYS = {"address", "weight", "pb_port", "host_key"}
+MEMBER_KEYS = {"address", "weight", "pb_port", "host_key", "host_ca"}
 
 
 def _default(cls: type, key: str) -> Any:
@@ -123,6 +125,8 @@ class MasterConfig:
     host_keys: tuple[str, ...] = ()
     known_hosts: Path | None = None
     identity_passphrase_file: Path | None = None
+    host_cas: tuple[str, ...] = ()  # CAs whose host certificates stand for the master's key
+    identity_certificate: Path | None = None  # None: IDENTITY-cert.pub, if it exists
     pb_port: int = defaults.PB_PORT
     username: str = defaults.SSH_USERNAME
     liveness: Liveness = Liveness()
@@ -227,6 +231,15 @@ def _split_address(path: Path, where: str, address: Any) -> tuple[str, int]:
         raise _fail(path, where, f'address must be "HOST:PORT": {e}') from None
 
 
+def _pins(path: Path, where: str, table: dict[str, Any], key: str) -> tuple[str, ...]:
+    """host_key or host_ca: a key line or a SHA256: fingerprint, or a list of them."""
+    pins = table.get(key, ())
+    pins = (pins,) if isinstance(pins, str) else pins
+    if not isinstance(pins, (list, tuple)) or not all(isinstance(p, str) for p in pins):
+        raise _fail(path, where, f"{key} must be a key line, a SHA256: fingerprint, or a list of them")
+    return tuple(pins)
+
+
 def _master(path: Path, index: int, table: Any, single: bool, where: str = "") -> MasterConfig:
     where = where or ("[master]" if single else f"[[master]] #{index + 1}")
     if not isinstance(table, dict):
@@ -235,18 +248,15 @@ def _master(path: Path, index: int, table: Any, single: bool, where: str = "") -
     if unknown:
         raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(MASTER_KEYS))})")
     host, port = _split_address(path, where, table.get("address"))
-    pins = table.get("host_key", ())
-    pins = (pins,) if isinstance(pins, str) else pins
-    if not isinstance(pins, (list, tuple)) or not all(isinstance(p, str) for p in pins):
-        raise _fail(path, where, "host_key must be a key line, a SHA256: fingerprint, or a list of them")
+    pins, cas = _pins(path, where, table, "host_key"), _pins(path, where, table, "host_ca")
     known_hosts = _str(path, where, table, "known_hosts")
-    for key in ("identity", "identity_passphrase_file", "username", "name"):
+    for key in ("identity", "identity_passphrase_file", "username", "name", "identity_certificate"):
         _str(path, where, table, key)
-    if not pins and not known_hosts:
+    if not pins and not known_hosts and not cas:
         raise _fail(
             path,
             where,
-            "no host_key or known_hosts: pin the master's key (buildbot-sshmux init prints it)",
+            "no host_key, host_ca or known_hosts: pin the master's key (buildbot-sshmux init prints it)",
         )
     if "identity" not in table:
         raise _fail(
@@ -259,10 +269,14 @@ def _master(path: Path, index: int, table: Any, single: bool, where: str = "") -
         host=host,
         port=port,
         identity=base / str(table["identity"]),
-        host_keys=tuple(str(p) for p in pins),
+        host_keys=pins,
         known_hosts=base / str(known_hosts) if known_hosts else None,
         identity_passphrase_file=(
             base / str(table["identity_passphrase_file"]) if "identity_passphrase_file" in table else None
+        ),
+        host_cas=cas,
+        identity_certificate=(
+            base / str(table["identity_certificate"]) if "identity_certificate" in table else None
         ),
         username=str(table.get("username", defaults.SSH_USERNAME)),
         pb_port=_int(path, where, table, "pb_port", _default(MasterConfig, "pb_port")),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 from collections import Counter
 from collections.abc import Hashable
+from pathlib import Path
 from typing import Any
 
 from twisted.application import service
@@ -12,7 +13,8 @@ from twisted.internet import defer
 from twisted.logger import Logger
 
 from buildbot_sshmux.errors import ConfigError, KeyFileError
-from buildbot_sshmux.wire.keys import load_private_key
+from buildbot_sshmux.wire import certs
+from buildbot_sshmux.wire.keys import fingerprint, load_private_key
 from buildbot_sshmux.wire.proxy import HTTPConnectEndpoint, ProxyURL, proxy_from_environment
 from buildbot_sshmux.worker.config import ForwardConfig, LauncherConfig, MasterConfig, WorkerConfig
 from buildbot_sshmux.worker.forward import Forward, ForwardService
@@ -37,13 +39,35 @@ def _passphrase(master: MasterConfig) -> bytes | None:
     return value.encode("utf-8") if value else None
 
 
+def _certificate(master: MasterConfig, identity: Any, config_path: Any) -> Path:
+    """This host's certificate file (identity_certificate, else IDENTITY-cert.pub), checked if it exists."""
+    path = master.identity_certificate or certs.certificate_path(master.identity)
+    if master.identity_certificate is None and not path.exists():
+        return path  # none now; one put there later is offered from the next login
+    try:
+        cert = certs.load_certificate(path)
+    except certs.CertificateError as e:
+        raise ConfigError(f"{config_path}: master {master.name}: {e}") from None
+    if not certs.certifies(cert, identity):
+        raise ConfigError(
+            f"{config_path}: master {master.name}: certificate {path} certifies {cert.fingerprint}, not"
+            f" this host's key {fingerprint(identity)} ({master.identity}); sign {master.identity}.pub"
+        )
+    if cert.kind != certs.USER:
+        raise ConfigError(
+            f"{config_path}: master {master.name}: certificate {path} is a host certificate; a worker"
+            " host logs in with a user certificate (sign it without -h)"
+        )
+    return path
+
+
 def _link(master: MasterConfig, reactor: Any, config_path: Any) -> MasterLink:
     identity = load_private_key(master.identity, _passphrase(master))
     try:
-        pins = HostKeyPins.from_config(master.host_keys, master.known_hosts)
+        pins = HostKeyPins.from_config(master.host_keys, master.known_hosts, master.host_cas)
     except Exception as e:
         raise ConfigError(
-            f"{config_path}: master {master.name}: host_key is not an OpenSSH key line"
+            f"{config_path}: master {master.name}: host_key or host_ca is not an OpenSSH key line"
             f" or SHA256: fingerprint ({e})"
         ) from None
     link = MasterLink(
@@ -55,6 +79,8 @@ def _link(master: MasterConfig, reactor: Any, config_path: Any) -> MasterLink:
         username=master.username,
         liveness=master.liveness,
         endpoint=_proxied(reactor, master),
+        certificate=_certificate(master, identity, config_path),
+        certificate_required=master.identity_certificate is not None,
     )
     link.setName(f"link {master.name}")
     return link

@@ -9,6 +9,7 @@ connections when a master comes back.
 
 from __future__ import annotations
 
+import hashlib
 import random
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -18,6 +19,7 @@ from attrs import frozen
 from twisted.application import service
 from twisted.conch.client.knownhosts import KnownHostsFile
 from twisted.conch.ssh import forwarding, keys, transport, userauth
+from twisted.conch.ssh.common import NS, getNS
 from twisted.internet import defer, endpoints, protocol
 from twisted.internet.interfaces import IProtocolFactory, IStreamClientEndpoint
 from twisted.logger import Logger
@@ -25,7 +27,8 @@ from twisted.python.failure import Failure
 from twisted.python.filepath import FilePath
 from zope.interface import implementer
 
-from buildbot_sshmux.errors import ChannelRefused, HostKeyMismatch
+from buildbot_sshmux.errors import ChannelRefused, HostCertificateRefused, HostKeyMismatch
+from buildbot_sshmux.wire import certs
 from buildbot_sshmux.wire.channel import ChannelAddress, FlowControlledConnection, FlowLimits, ProtocolChannel
 from buildbot_sshmux.wire.keys import fingerprint, parse_public_line
 from buildbot_sshmux.wire.liveness import DRAINING_REQUEST, KEEPALIVE_REQUEST, Keepalive, Liveness
@@ -38,6 +41,7 @@ from buildbot_sshmux.wire.transport import (
     prefer,
     send_without_delay,
 )
+from buildbot_sshmux.worker import hostca
 
 log = Logger()
 
@@ -61,33 +65,73 @@ def backoff(
 
 
 def _algorithms(key_type: bytes) -> list[bytes]:
-    """Host key algorithm names that sign with a key of this type."""
+    """Host key algorithm names that sign with a key (or a certificate) of this type."""
     if key_type == b"ssh-rsa":
         return [b"rsa-sha2-512", b"rsa-sha2-256", b"ssh-rsa"]
+    if certs.is_certificate(key_type):
+        return list(certs.algorithms_for(key_type))
     return [key_type]
+
+
+def _fingerprints(pins: Sequence[str]) -> tuple[list[str], list[bytes]]:
+    """Each pin, an OpenSSH public key line or a ``SHA256:`` fingerprint, as (fingerprints, key types)."""
+    prints, types = [], []
+    for pin in pins:
+        pin = pin.strip()
+        if pin.startswith("SHA256:"):
+            prints.append(pin)
+        else:
+            key, _comment = parse_public_line(pin)
+            prints.append(fingerprint(key))
+            types.append(key.sshType())
+    return prints, types
 
 
 @frozen
 class HostKeyPins:
-    """The master host keys a launcher accepts: pinned keys, fingerprints, known_hosts."""
+    """The master host keys a launcher accepts: pinned keys, fingerprints, known_hosts,
+    and host certificates of pinned CAs (``host_ca``, ``@cert-authority``: worker/hostca.py)."""
 
     fingerprints: tuple[str, ...] = ()
     known_hosts: Path | None = None
     key_types: tuple[bytes, ...] = ()
+    ca_fingerprints: tuple[str, ...] = ()  # host_ca: CAs whose host certificates stand for this master
 
     @classmethod
-    def from_config(cls, pins: Sequence[str], known_hosts: Path | None = None) -> HostKeyPins:
-        """Each pin is an OpenSSH public key line or a ``SHA256:`` fingerprint."""
-        prints, types = [], []
-        for pin in pins:
-            pin = pin.strip()
-            if pin.startswith("SHA256:"):
-                prints.append(pin)
-            else:
-                key, _comment = parse_public_line(pin)
-                prints.append(fingerprint(key))
-                types.append(key.sshType())
-        return cls(tuple(prints), known_hosts, tuple(types))
+    def from_config(
+        cls, pins: Sequence[str], known_hosts: Path | None = None, host_cas: Sequence[str] = ()
+    ) -> HostKeyPins:
+        """Each pin (and CA pin) is an OpenSSH public key line or a ``SHA256:`` fingerprint."""
+        prints, types = _fingerprints(pins)
+        return cls(tuple(prints), known_hosts, tuple(types), tuple(_fingerprints(host_cas)[0]))
+
+    def _markers(self) -> list[hostca.Marker]:
+        return hostca.read_markers(self.known_hosts) if self.known_hosts is not None else []
+
+    def authorities(self, host: str, port: int) -> list[str]:
+        """Fingerprints of the CAs trusted to certify this master's host key."""
+        name = hostca.known_hosts_name(host, port)
+        return [*self.ca_fingerprints, *hostca.authorities(self._markers(), name)]
+
+    def check_certificate(self, host: str, port: int, cert: certs.Certificate, now: float) -> str | None:
+        """Why the master's host certificate is not accepted, or None if it is."""
+        trusted = self.authorities(host, port)
+        if cert.ca_fingerprint not in trusted:
+            expected = " or ".join(trusted) or "none: no host_ca or @cert-authority applies to it"
+            return f"its CA {cert.ca_fingerprint} is not a trusted one ({expected})"
+        problem = hostca.check_host_certificate(cert, host, now)
+        if problem is not None:
+            return problem
+        markers, name = self._markers(), hostca.known_hosts_name(host, port)
+        if hostca.revoked_by(markers, name, cert.key):
+            return f"its key {cert.fingerprint} is marked @revoked in {self.known_hosts}"
+        if hostca.revoked_by(markers, name, cert.ca_key):
+            return f"its CA {cert.ca_fingerprint} is marked @revoked in {self.known_hosts}"
+        return None
+
+    def revoked(self, host: str, port: int, key: keys.Key) -> bool:
+        """Whether known_hosts marks ``key`` ``@revoked`` for this master."""
+        return hostca.revoked_by(self._markers(), hostca.known_hosts_name(host, port), key)
 
     def _known_entries(self, host: str, port: int) -> list[Any]:
         if self.known_hosts is None:
@@ -105,9 +149,13 @@ class HostKeyPins:
         """
         types = list(self.key_types)
         types += [getattr(e, "keyType", b"") for e in self._known_entries(host, port)]
-        return [alg for t in dict.fromkeys(types) if t for alg in _algorithms(t)]
+        pinned = [alg for t in dict.fromkeys(types) if t for alg in _algorithms(t)]
+        # A trusted CA: the master's certificate first, as ssh does with @cert-authority.
+        return [*certs.CERT_ALGORITHMS, *pinned] if self.authorities(host, port) else pinned
 
     def accepts(self, host: str, port: int, key: keys.Key) -> bool:
+        if self.revoked(host, port, key):
+            return False
         if fingerprint(key) in self.fingerprints:
             return True
         return any(entry.matchesKey(key) for entry in self._known_entries(host, port))
@@ -116,11 +164,28 @@ class HostKeyPins:
         expected = list(self.fingerprints)
         if self.known_hosts is not None:
             expected.append(f"a key listed in {self.known_hosts}")
+        expected += [f"a host certificate of CA {ca}" for ca in self.ca_fingerprints]
         return expected
 
 
+def _rsa_algorithm(server_sig_algs: bytes | None, suffix: bytes = b"") -> bytes:
+    """The RSA signature algorithm to log in with: SHA-2 as the master advertises (RFC 8332,
+    server-sig-algs); rsa-sha2-512 when it says nothing (our master and sshd refuse SHA-1)."""
+    offered = (server_sig_algs or b"rsa-sha2-512").split(b",")
+    name = next((a for a in (b"rsa-sha2-512", b"rsa-sha2-256") if a in offered), b"ssh-rsa")
+    return name + suffix
+
+
 class MuxUserAuthClient(userauth.SSHUserAuthClient):
-    """Public-key authentication with this host's one key."""
+    """Public-key authentication with this host's key: its certificate first, if it has one.
+
+    Conch's client offers a key as its plain type and blob (``getPublicKey``),
+    and signs under the key's type; a certificate needs its own blob and
+    algorithm name, and a signature made by the plain key under the plain
+    algorithm, so the two publickey steps are ours (``auth_publickey``,
+    ``ssh_USERAUTH_PK_OK_publickey``).  RSA keys sign with SHA-2 as the
+    master's server-sig-algs allows.
+    """
 
     _log = BoundedLogger()
     preferredOrder = [b"publickey"]
@@ -128,24 +193,72 @@ class MuxUserAuthClient(userauth.SSHUserAuthClient):
     def __init__(self, link: MasterLink, instance: Any) -> None:
         super().__init__(link.username.encode("utf-8"), instance)
         self.link = link
-        self._offered = False
+        self._offers: list[tuple[bytes, bytes, certs.Certificate | None]] | None = None
+        self._current: tuple[bytes, bytes, certs.Certificate | None] | None = None
+        self._certified = False  # a certificate was offered
 
-    def getPublicKey(self) -> keys.Key | None:
-        if self._offered:
+    def _make_offers(self) -> list[tuple[bytes, bytes, certs.Certificate | None]]:
+        """(algorithm, blob, certificate) to offer, in order: the certificate, then the plain key."""
+        identity = self.link.identity
+        sig_algs = getattr(self.transport, "peerExtensions", {}).get(b"server-sig-algs")
+        offers: list[tuple[bytes, bytes, certs.Certificate | None]] = []
+        cert = self.link.load_certificate()
+        if cert is not None:
+            if cert.key_type == b"ssh-rsa-cert-v01@openssh.com":
+                algorithm = _rsa_algorithm(sig_algs, certs.CERT_SUFFIX)
+            else:
+                algorithm = cert.key_type
+            offers.append((algorithm, cert.blob, cert))
+        plain = _rsa_algorithm(sig_algs) if identity.sshType() == b"ssh-rsa" else identity.sshType()
+        offers.append((plain, identity.public().blob(), None))
+        return offers
+
+    def auth_publickey(self) -> defer.Deferred[bool]:
+        if self._offers is None:
+            self._offers = self._make_offers()
+        elif self._current is not None and self._current[2] is not None:
+            log.warn(
+                "{master} refused this host's {certificate}; trying its plain key {fingerprint}",
+                master=self.link.address,
+                certificate=self._current[2].describe(),
+                fingerprint=fingerprint(self.link.identity),
+            )
+        if not self._offers:
+            certified = " (and its certificate)" if self._certified else ""
             log.error(
-                "{master} refused this host's key {fingerprint}: ask the master's administrator"
+                "{master} refused this host's key {fingerprint}{certified}: ask the master's administrator"
                 " to add this host's public key (the .pub file) to authorized_hosts",
                 master=self.link.address,
                 fingerprint=fingerprint(self.link.identity),
+                certified=certified,
             )
             self.link.refused = True
-            self.link.note_error(f"refused this host's key {fingerprint(self.link.identity)}")
-            return None
-        self._offered = True
-        return self.link.identity.public()
+            self.link.note_error(f"refused this host's key {fingerprint(self.link.identity)}{certified}")
+            return defer.succeed(False)
+        self._current = self._offers.pop(0)
+        algorithm, blob, cert = self._current
+        self._certified = self._certified or cert is not None
+        self.askForAuth(b"publickey", b"\x00" + NS(algorithm) + NS(blob))
+        return defer.succeed(True)
 
-    def getPrivateKey(self) -> defer.Deferred[keys.Key]:
-        return defer.succeed(self.link.identity)
+    def ssh_USERAUTH_PK_OK_publickey(self, packet: bytes) -> None:
+        """The master would take the key offered: sign the request (RFC 4252 section 7)."""
+        assert self._current is not None
+        algorithm, blob, cert = self._current
+        session: Any = self.transport.sessionID  # type: ignore[union-attr]
+        signed = (
+            NS(session)
+            + bytes((userauth.MSG_USERAUTH_REQUEST,))
+            + NS(self.user)
+            + NS(self.instance.name)
+            + NS(b"publickey")
+            + b"\x01"
+            + NS(algorithm)
+            + NS(blob)
+        )
+        signature = self.link.identity.sign(signed, signatureType=certs.plain_algorithm(algorithm))
+        self.link.logged_in_with = cert
+        self.askForAuth(b"publickey", b"\x01" + NS(algorithm) + NS(blob) + NS(signature))
 
 
 class MuxClientConnection(FlowControlledConnection):
@@ -189,10 +302,22 @@ class MuxClientConnection(FlowControlledConnection):
         return 0
 
 
+# The exchanges Conch's client runs in _ssh_KEX_ECDH_REPLY, and their hashes (RFC 5656, RFC 8731).
+ECDH_EXCHANGES = {
+    b"curve25519-sha256": hashlib.sha256,
+    b"curve25519-sha256@libssh.org": hashlib.sha256,
+    b"ecdh-sha2-nistp256": hashlib.sha256,
+    b"ecdh-sha2-nistp384": hashlib.sha384,
+    b"ecdh-sha2-nistp521": hashlib.sha512,
+}
+
+
 class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
-    """Conch's client transport with host key pinning, rekeying, AEAD ciphers first and strict key exchange."""
+    """Conch's client transport with host key pinning (host certificates too), rekeying,
+    AEAD ciphers first and strict key exchange."""
 
     _secured = False
+    host_certificate: certs.Certificate | None = None  # the master's, once verified
 
     def __init__(self, link: MasterLink) -> None:
         self.link = link
@@ -200,7 +325,15 @@ class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
         # Pinned types first; with fingerprints only, ed25519 (what `init` makes),
         # and the types a previous dial was offered in vain last.
         pinned = link.pins.preferred_algorithms(link.host, link.port) + [b"ssh-ed25519"]
-        order = prefer(pinned, transport.SSHClientTransport.supportedPublicKeys)
+        supported = list(transport.SSHClientTransport.supportedPublicKeys)
+        if link.pins.authorities(link.host, link.port):
+            # A host certificate may come: its exchange is verified in
+            # _ssh_KEX_ECDH_REPLY, hence (EC)DH on curves only.
+            supported = [*certs.CERT_ALGORITHMS, *supported]
+            self.supportedKeyExchanges = [
+                k for k in transport.SSHClientTransport.supportedKeyExchanges if k in ECDH_EXCHANGES
+            ]
+        order = prefer(pinned, supported)
         tried = [alg for t in link.mismatched_types for alg in _algorithms(t)]
         self.supportedPublicKeys = [a for a in order if a not in tried] + [a for a in order if a in tried]
 
@@ -208,6 +341,8 @@ class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
         return f"master {self.link.address}"
 
     def verifyHostKey(self, hostKey: bytes, fp: bytes) -> defer.Deferred[bool]:
+        if certs.is_certificate(hostKey):
+            return self._verify_host_certificate(hostKey)
         key = keys.Key.fromString(hostKey)
         if self.link.pins.accepts(self.link.host, self.link.port, key):
             return defer.succeed(True)
@@ -219,6 +354,63 @@ class MuxClientTransport(MuxTransport, transport.SSHClientTransport):
         # other types (a rotation), the next dial asks for those first.
         self.link.mismatched_types.add(key.sshType())
         return defer.fail(mismatch)
+
+    def _verify_host_certificate(self, blob: bytes) -> defer.Deferred[bool]:
+        link = self.link
+        try:
+            cert = certs.parse_certificate(blob)
+        except certs.CertificateError as e:
+            refusal = HostCertificateRefused(link.address, "unreadable", str(e))
+        else:
+            why = link.pins.check_certificate(link.host, link.port, cert, link.reactor.seconds())
+            if why is None:
+                self.host_certificate = cert
+                return defer.succeed(True)
+            refusal = HostCertificateRefused(link.address, f"{cert.describe()}, key {cert.fingerprint}", why)
+            link.mismatched_types.add(cert.key_type)  # the next dial asks for plain keys first
+        log.error("{error}", error=str(refusal))
+        link.refused = True
+        link.note_error(str(refusal))
+        return defer.fail(refusal)
+
+    def _ssh_KEX_ECDH_REPLY(self, packet: bytes) -> Any:
+        """Conch's client, for a host key that is a certificate (which Conch cannot parse).
+
+        The exchange hash covers the certificate blob, as the master sent it;
+        the signature is the plain key's, under the plain algorithm's name
+        (``rsa-sha2-512`` for ``rsa-sha2-512-cert-v01@openssh.com``).
+        """
+        host_blob, their_public, signature, _rest = getNS(packet, 3)
+        if not certs.is_certificate(host_blob):
+            return super()._ssh_KEX_ECDH_REPLY(packet)  # type: ignore[misc]
+
+        def verified(_: Any) -> None:
+            cert = self.host_certificate
+            assert cert is not None  # verifyHostKey set it
+            shared = self._generateECSharedSecret(self.ecPriv, their_public)
+            h = ECDH_EXCHANGES[self.kexAlg]()
+            for part in (self.ourVersionString, self.otherVersionString, self.ourKexInitPayload,
+                         self.otherKexInitPayload, host_blob, self._encodeECPublicKey(self.ecPub),
+                         their_public):  # fmt: skip
+                h.update(NS(part))
+            h.update(shared)
+            exchange_hash = h.digest()
+            try:
+                named = getNS(signature)[0] == certs.plain_algorithm(self.keyAlg)
+                valid = named and cert.key.verify(signature, exchange_hash)
+            except Exception:
+                valid = False
+            if not valid:
+                self.sendDisconnect(transport.DISCONNECT_KEY_EXCHANGE_FAILED, b"bad signature")
+                return
+            self._keySetup(shared, exchange_hash)
+
+        d = self.verifyHostKey(host_blob, b"")
+        d.addCallback(verified)
+        d.addErrback(
+            lambda _: self.sendDisconnect(transport.DISCONNECT_HOST_KEY_NOT_VERIFIABLE, b"bad host key")
+        )
+        return d
 
     def receiveError(self, reasonCode: int, description: bytes) -> None:
         text = quote(description, 200)
@@ -291,11 +483,18 @@ class MasterLink(service.Service):
         retry_delay: Callable[[int], float] | None = None,
         connect_timeout: float = 30.0,
         endpoint: IStreamClientEndpoint | None = None,
+        certificate: Path | None = None,
+        certificate_required: bool = False,
     ) -> None:
         self.reactor = reactor
         self.host = host
         self.port = port
         self.identity = identity
+        # This host's certificate, read afresh at each login (a renewal needs no restart):
+        # IDENTITY-cert.pub beside the key, as ssh, or identity_certificate.
+        self.certificate = certificate
+        self.certificate_required = certificate_required
+        self.logged_in_with: certs.Certificate | None = None  # the certificate of the last login
         self.pins = pins
         self.username = username
         self.limits = limits
@@ -347,6 +546,39 @@ class MasterLink(service.Service):
     @property
     def address(self) -> str:
         return f"{self.host}:{self.port}"
+
+    certificate_warning_days = 14.0
+    """A certificate that expires sooner is logged as a warning at each login."""
+
+    def load_certificate(self) -> certs.Certificate | None:
+        """This host's certificate to offer, or None (a missing or unusable one is logged)."""
+        self.logged_in_with = None
+        if self.certificate is None or (not self.certificate_required and not self.certificate.exists()):
+            return None
+        try:
+            cert = certs.load_certificate(self.certificate)
+        except certs.CertificateError as e:
+            log.warn("{error}; offering the plain key only", error=str(e))
+            return None
+        if not certs.certifies(cert, self.identity):
+            log.warn(
+                "certificate {path} certifies {other}, not this host's key {fingerprint}; offering the plain"
+                " key only",
+                path=self.certificate,
+                other=cert.fingerprint,
+                fingerprint=fingerprint(self.identity),
+            )
+            return None
+        problem = cert.validity_problem(self.reactor.seconds())
+        if problem is not None:
+            log.warn(
+                "this host's {certificate} {problem}: the master will refuse it; renew it (buildbot-sshmux ca"
+                " sign, or ssh-keygen -s) and put it in {path}",
+                certificate=cert.describe(),
+                problem=problem,
+                path=self.certificate,
+            )
+        return cert
 
     def startService(self) -> None:
         super().startService()
@@ -449,11 +681,26 @@ class MasterLink(service.Service):
         self.connected_since = self._up_since = self.reactor.seconds()
         self._attempt = 0
         self.mismatched_types.clear()
+        cert = self.logged_in_with
         log.info(
-            "connected to master {master} as {fingerprint}",
+            "connected to master {master} as {fingerprint}{certificate}",
             master=self.address,
             fingerprint=fingerprint(self.identity),
+            certificate=f" with {cert.describe()}, valid until {certs.when(cert.valid_before)}"
+            if cert
+            else "",
         )
+        if cert is not None:
+            left = cert.valid_before - self.reactor.seconds()
+            if left < self.certificate_warning_days * 86400:
+                left = max(0.0, left)
+                log.warn(
+                    "this host's {certificate} expires in {left} ({until}): renew it and put it in {path}",
+                    certificate=cert.describe(),
+                    left=f"{left / 86400:.1f} days" if left >= 2 * 86400 else f"{left / 3600:.1f} hours",
+                    until=certs.when(cert.valid_before),
+                    path=self.certificate,
+                )
         waiters, self._waiters = self._waiters, []
         for waiter in waiters:
             waiter.callback(connection)

@@ -240,7 +240,9 @@ class LauncherConfigTests(TestCase):
         self.assertConfigError(text, "password_file", str(self.dir.absolute() / "nope"))
 
     def test_no_host_key_pin(self) -> None:
-        self.assertConfigError(ONE_MASTER.replace(f'host_key = "{PIN}"\n', ""), "no host_key or known_hosts")
+        self.assertConfigError(
+            ONE_MASTER.replace(f'host_key = "{PIN}"\n', ""), "no host_key, host_ca or known_hosts"
+        )
 
     def test_missing_identity(self) -> None:
         self.assertConfigError(ONE_MASTER.replace('identity = "id_ed25519"\n', ""), "identity")
