@@ -252,11 +252,12 @@ def parser() -> argparse.ArgumentParser:
     hosts.add_parsers(sub)
     ca.add_parsers(sub)
     # The demo's own parser (buildbot_sshmux.demo.run.parser) reads its options: -h, --projects,
-    # --keep, and reports a bad one in one line, exit 2.  No argument can hold a NUL, so with
+    # --keep, --cluster, and reports a bad one in one line, exit 2.  No argument can hold a NUL, so with
     # prefix_chars="\0" none looks like an option here and all of them reach that parser.
     demo = sub.add_parser(
         "demo",
-        help="run the demo: a master, two worker hosts, builds (its options: demo --help)",
+        help="run the demo: a master, two worker hosts, builds; --cluster: three masters, one killed"
+        " mid-build (its options: demo --help)",
         add_help=False,
         prefix_chars="\0",
     )

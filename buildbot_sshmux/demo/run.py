@@ -6,7 +6,8 @@ session per project), runs one build per (project, host), then attaches the
 same workers over plain PB for comparison, and prints a summary.  It exits 0
 only if every build succeeded.  A run that fails (a build not green, a
 timeout, an exception) keeps its directory and says so; ``--keep`` keeps it
-after a good run too.
+after a good run too.  ``--cluster`` runs the cluster demo instead
+(`cluster_run`: three masters, one killed mid-build).
 
 Its options are parsed here, by `parser`, whichever way it is started:
 ``buildbot-sshmux demo ...`` (``tox -e demo -- ...``) passes every argument
@@ -43,7 +44,13 @@ DESCRIPTION = (
 )
 EPILOG = (
     "It exits 0 only if every build succeeded. A run that fails keeps its directory "
-    "and prints where it is and which logs to read."
+    "and prints where it is and which logs to read. With --cluster: three masters "
+    "(subprocesses sharing a private PostgreSQL server and a crossbar router), the two hosts' "
+    "sessions spread over them with a [cluster] launcher config, and stock buildbot-workers "
+    "over plain PB to one master; one build per project and host; that master is killed "
+    "with SIGKILL while they run; its sessions move to the others and its builds run again "
+    "there. It exits 0 only if every build ended green and every session re-attached. It "
+    "needs PostgreSQL and crossbar: bash .ci/install-cluster installs both."
 )
 
 _log = Logger()
@@ -81,6 +88,12 @@ def parser() -> argparse.ArgumentParser:
         action="store_true",
         help="keep the temporary directory (keys, master, logs) after a good run too, "
         "and print its path; a failed run always keeps it",
+    )
+    p.add_argument(
+        "--cluster",
+        action="store_true",
+        help="run the cluster demo: 3 masters sharing PostgreSQL and crossbar, one killed "
+        "mid-build with SIGKILL, its sessions moved and its builds run again (see below)",
     )
     # The plain PB comparison: run_demo starts this same module as a child process
     # with --plain-pb PORT BASEDIR NAME...; not for people, so not in --help.
@@ -347,6 +360,10 @@ def main(argv: list[str] | None = None) -> int:
             p.error("--plain-pb takes PORT BASEDIR NAME...")
         plain_pb_main(int(port), Path(rest[0]), rest[1:])
         return 0
+    if options.cluster:
+        from buildbot_sshmux.demo import cluster_run
+
+        return cluster_run.run(options)
     return run(options)
 
 

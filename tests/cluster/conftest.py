@@ -3,7 +3,9 @@
 Per test session: one PostgreSQL server with a template database holding
 Buildbot's schema (`postgres`, `buildbot_template`) and one crossbar router
 with a pool of realms (`crossbar`).  Per test: `cluster`, a `Cluster` with a
-database copied from the template and a realm of its own.
+database copied from the template and a realm of its own.  The cluster
+demo's test (test_cluster_demo.py) needs only the parts (`need_parts`): the
+demo starts its own server and router.
 
 When initdb or crossbar is missing, ``.ci/install-cluster`` is run once
 (SSHMUX_CLUSTER_INSTALL=0 prevents it); if they are still missing, the tests
@@ -15,7 +17,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
 import tempfile
 import time
 from collections.abc import Generator, Iterator
@@ -24,11 +25,13 @@ from typing import Any
 
 import pytest
 
-from .cluster import Cluster
-from .pg import PostgresServer, find_bindir
-from .router import INSTALL_SCRIPT, CrossbarRouter, default_venv, find_crossbar
+from buildbot_sshmux.demo.cluster import parts
+from buildbot_sshmux.demo.cluster.cluster import Cluster
+from buildbot_sshmux.demo.cluster.pg import PostgresServer, find_bindir
+from buildbot_sshmux.demo.cluster.router import CrossbarRouter, default_venv, find_crossbar
 
 HERE = Path(__file__).parent
+CHECKOUT = HERE.parents[1]  # where .ci/install-cluster is, whatever the current directory
 ENABLED = os.environ.get("SSHMUX_CLUSTER") == "1"
 KEEP = bool(os.environ.get("SSHMUX_KEEP_TMP"))
 REALMS_PER_ROUTER = 32
@@ -81,16 +84,23 @@ def install_once() -> str:
     if "output" not in _install:
         if os.environ.get("SSHMUX_CLUSTER_INSTALL") == "0":
             _install["output"] = "SSHMUX_CLUSTER_INSTALL=0: .ci/install-cluster not run"
+        elif (script := parts.find_install_script(CHECKOUT)) is None:
+            _install["output"] = f"no {parts.SCRIPT} in {Path.cwd()}, {parts.SOURCE_TREE} or {CHECKOUT}"
         else:
             began = time.monotonic()
-            done = subprocess.run(  # no stdin: sudo fails at once rather than asks
-                ["bash", str(INSTALL_SCRIPT)], capture_output=True, text=True, stdin=subprocess.DEVNULL
-            )
+            done = parts.run_install_script(script, capture=True)
             timed(".ci/install-cluster (from the fixture)", began)
-            _install["output"] = (
-                f"{INSTALL_SCRIPT} exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}"
-            )
+            _install["output"] = f"{script} exited {done.returncode}: {(done.stdout + done.stderr)[-800:]}"
     return _install["output"]
+
+
+def need_parts() -> None:
+    """Skip, saying why, unless PostgreSQL and crossbar are there (running the install script once)."""
+    if parts.missing_parts():
+        output = install_once()
+        missing = parts.missing_parts()
+        if missing:
+            pytest.skip(f"{'; '.join(missing)}; {output}")
 
 
 @pytest.fixture(scope="session")
@@ -118,7 +128,7 @@ def postgres() -> Iterator[PostgresServer]:
 @pytest.fixture(scope="session")
 def buildbot_template(postgres: PostgresServer) -> str:
     """A database holding Buildbot's schema, to copy per test; its name."""
-    from .masters import write_schema_template
+    from buildbot_sshmux.demo.cluster.masters import write_schema_template
 
     began = time.monotonic()
     url = postgres.create_database(TEMPLATE)
@@ -199,7 +209,7 @@ def cluster(
     timed("database from the template", began)
     router, realm = crossbar.take()
     root = scratch("sshmux-cluster-")
-    cluster = Cluster(root, postgres, db_name, router, realm)
+    cluster = Cluster(root, postgres, db_name, router, realm, keep_hint="set SSHMUX_KEEP_TMP=1 to keep it")
     try:
         yield cluster
     finally:

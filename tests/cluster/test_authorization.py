@@ -26,10 +26,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster.cluster import Cluster
+from buildbot_sshmux.demo.cluster.masters import ClusterMaster
 from tests.support import host_fingerprint
-
-from .cluster import Cluster
-from .masters import ClusterMaster
 
 PROJECTS = ["p1", "p2", "p3"]
 HOSTS = ["hosta", "hostb"]

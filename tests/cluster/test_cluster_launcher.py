@@ -38,11 +38,11 @@ from typing import Any
 from buildbot.process.results import RETRY, SUCCESS
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster.cluster import Cluster
+from buildbot_sshmux.demo.cluster.masters import ClusterMaster
 from buildbot_sshmux.worker.placement import assign, rank
 
-from .cluster import Cluster
 from .conftest import FIGURES
-from .masters import ClusterMaster
 
 HOST = "hosta"
 MASTERS = ("a", "b", "c")

@@ -11,9 +11,8 @@ from __future__ import annotations
 import time
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster.cluster import Cluster
 from tests.support import host_fingerprint
-
-from .cluster import Cluster
 
 
 def test_build_forced_on_b_runs_on_worker_attached_to_a(cluster: Cluster) -> None:

@@ -1,7 +1,7 @@
 """A master killed mid-build: its build request runs again, and succeeds, on the other master.
 
-Two masters with shortened timers (heartbeat every 2 s, a master silent for
-12 s is marked inactive; README, "Several masters").  One launcher with a
+Two masters with shortened timers (`timers`: heartbeat every 2 s, a master
+silent for 12 s is marked inactive; README, "Several masters").  One launcher with a
 ``[cluster]`` of both attaches the worker to one of them; a build of a few
 seconds starts there and that master is killed (SIGKILL) during its step.
 The launcher moves the session to the survivor within seconds; the
@@ -19,33 +19,14 @@ from pathlib import Path
 from buildbot.process.results import RETRY, SUCCESS
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster import timers
+from buildbot_sshmux.demo.cluster.cluster import Cluster
+from buildbot_sshmux.demo.cluster.masters import ClusterMaster
 
-from .cluster import Cluster
-from .masters import ClusterMaster
-
-HEARTBEAT = 2  # seconds (Buildbot: 60)
-EXPIRE_MINUTES = 0.2  # 12 s (Buildbot: 10 minutes)
 STEP_SECONDS = 5
 
-TIMERS = """
-# Shortened timers (README, "Several masters"): Buildbot reads EXPIRE_MINUTES at
-# each expiry check; the heartbeat's interval is set before the master starts it.
-from buildbot.data import masters as _masters
-from buildbot.util import service as _service
-
-_masters.EXPIRE_MINUTES = {expire_minutes!r}
-
-
-class MasterHeartbeat(_service.BuildbotService):
-    name = "master-heartbeat"
-
-    def reconfigService(self, seconds=60):
-        self.master.masterHeartbeatService.step = seconds
-
-
-c["services"].append(MasterHeartbeat(seconds={heartbeat!r}))
-
-# A step of a few seconds that leaves a line per attempt.
+# A step of a few seconds that leaves a line per attempt (after the shortened timers).
+ATTEMPT_STEP = """
 from buildbot.plugins import steps as _steps, util as _util
 
 c["builders"][0].factory = _util.BuildFactory(
@@ -84,7 +65,7 @@ def attempts(mark: Path) -> int:
 def test_build_interrupted_by_a_killed_master_runs_again_on_the_other(cluster: Cluster) -> None:
     cluster.make_site(["hosta"])
     mark = cluster.root / "attempts"
-    extra = TIMERS.format(expire_minutes=EXPIRE_MINUTES, heartbeat=HEARTBEAT, mark=mark, step=STEP_SECONDS)
+    extra = timers.snippet() + ATTEMPT_STEP.format(mark=mark, step=STEP_SECONDS)
     a = cluster.add_master("a", ["proj"], extra_config=extra)
     b = cluster.add_master("b", ["proj"], extra_config=extra)
     cluster.start(a, b)

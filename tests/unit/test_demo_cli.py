@@ -63,10 +63,14 @@ class ParsingTests(TestCase):
         for flag in ("-h", "--help"):
             code, out, err = run_cli(["demo", flag])
             self.assertEqual((code, err), (0, ""), flag)
-            self.assertTrue(out.startswith("usage: buildbot-sshmux demo [-h] [--projects N] [--keep]\n"), out)
+            self.assertTrue(
+                out.startswith("usage: buildbot-sshmux demo [-h] [--projects N] [--keep] [--cluster]\n"), out
+            )
             self.assertIn("--keep", out)
             self.assertIn("(default: 20)", out)
             self.assertIn("exits 0 only if every build succeeded", out)
+            self.assertIn("--cluster", out)
+            self.assertIn("bash .ci/install-cluster", out)
             self.assertNotIn("``", out)  # plain words, no markup
             self.assertNotIn("plain-pb", out)  # the comparison child's option is not for people
         self.assertEqual(self.spun, [], "--help ran the demo")

@@ -1,4 +1,4 @@
-"""A private PostgreSQL server for a test session: its own data directory, port and socket.
+"""A private PostgreSQL server (a test session's, the demo's): its own data directory, port and socket.
 
 Debian's binaries (``/usr/lib/postgresql/N/bin``, off PATH) or SSHMUX_PG_BINDIR;
 the server runs as the ``postgres`` user when the tests run as root (PostgreSQL

@@ -1,7 +1,8 @@
-"""One test's cluster: its database and realm, a site of keys, masters and launchers.
+"""A cluster: its database and realm, a site of keys, masters and launchers.
 
-The `cluster` fixture (conftest.py) makes one per test and closes it after:
-launchers stopped, masters stopped (SIGKILL after 30 s), database dropped.
+The cluster tests' `cluster` fixture (tests/cluster/conftest.py) makes one per
+test and closes it after: launchers stopped, masters stopped (SIGKILL after
+30 s), database dropped; ``buildbot-sshmux demo --cluster`` makes one.
 Everything is blocking and talks to the masters the way a user would: their
 REST API, their logs, the shared database.
 """
@@ -25,7 +26,13 @@ class Cluster:
     """N masters sharing one database (``db_name`` on ``pg``) and one realm on ``router``."""
 
     def __init__(
-        self, root: Path, pg: PostgresServer, db_name: str, router: CrossbarRouter, realm: str
+        self,
+        root: Path,
+        pg: PostgresServer,
+        db_name: str,
+        router: CrossbarRouter,
+        realm: str,
+        keep_hint: str = "",
     ) -> None:
         self.root = root
         self.pg = pg
@@ -36,6 +43,7 @@ class Cluster:
         self.masters: dict[str, ClusterMaster] = {}
         self.launchers: list[T.LauncherProcess] = []
         self.timings: dict[str, float] = {}
+        self.keep_hint = keep_hint  # how to keep the directory, said with it in `diagnostics`
 
     @property
     def db_url(self) -> str:
@@ -47,7 +55,12 @@ class Cluster:
         return self.site
 
     def add_master(
-        self, name: str, projects: Sequence[str], hosts: Sequence[str] | None = None, extra_config: str = ""
+        self,
+        name: str,
+        projects: Sequence[str],
+        hosts: Sequence[str] | None = None,
+        extra_config: str = "",
+        config_args: dict[str, Any] | None = None,
     ) -> ClusterMaster:
         """Write master ``name``'s basedir (``ROOT/masters/NAME``); start it with `start`."""
         assert self.site is not None, "make_site first"
@@ -61,6 +74,7 @@ class Cluster:
             projects=projects,
             hosts=hosts if hosts is not None else self.site.hosts,
             extra_config=extra_config,
+            config_args=config_args,
         )
         self.masters[name] = master
         return master
@@ -211,7 +225,7 @@ class Cluster:
         return wait_until(predicate, timeout, what, self.diagnostics, 0.2)
 
     def diagnostics(self) -> str:
-        parts = [f"cluster directory: {self.root} (set SSHMUX_KEEP_TMP=1 to keep it)"]
+        parts = [f"cluster directory: {self.root}{self.keep_hint and f' ({self.keep_hint})'}"]
         parts += [m.diagnostics() for m in self.masters.values()]
         for launcher in self.launchers:
             code = launcher.process.poll() if launcher.process else None

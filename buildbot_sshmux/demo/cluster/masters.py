@@ -3,7 +3,8 @@
 Each master's basedir has a ``buildbot.tac`` (Buildbot's own, log rotation
 kept: ``twistd.log``) and a ``master.cfg`` written as text: the demo harness's
 `master_config` (one builder per project, one worker per (project, host), a
-ForceScheduler, `SSHMuxService`), then ``multiMaster``, the shared PostgreSQL
+ForceScheduler, `SSHMuxService`; ``config_args``, more of its keyword
+arguments, as Python literals), then ``multiMaster``, the shared PostgreSQL
 database, the crossbar mq and a web server (REST API) on 127.0.0.1.  Every
 master has its own SSH host key and its own SSH, PB and web ports (fixed at
 creation, so that a restarted master is where its workers expect it); the
@@ -53,7 +54,7 @@ m.setServiceParent(application)
 """
 
 CONFIG = """\
-# master {name!r} of a cluster; written by tests/cluster/masters.py
+# master {name!r} of a cluster; written by buildbot_sshmux/demo/cluster/masters.py
 from types import SimpleNamespace
 
 from buildbot_sshmux.demo import harness
@@ -61,7 +62,7 @@ from buildbot_sshmux.demo import harness
 site = SimpleNamespace(host_key_path={host_key!r}, authorized_hosts={authorized_hosts!r})
 c = BuildmasterConfig = harness.master_config(
     {projects!r}, {hosts!r}, site,
-    ssh_port="tcp:{ssh}:interface=127.0.0.1", pb_port="tcp:{pb}:interface=127.0.0.1",
+    ssh_port="tcp:{ssh}:interface=127.0.0.1", pb_port="tcp:{pb}:interface=127.0.0.1",{config_args}
 )
 del c["db_url"]
 c["db"] = {{"db_url": {db_url!r}}}
@@ -80,7 +81,9 @@ class PortInUse(RuntimeError):
 class ClusterMaster:
     """One master's basedir and process.
 
-    ``extra_config`` is appended to master.cfg (Python, ``c`` is the config dict).
+    ``config_args`` are more keyword arguments of `harness.master_config`
+    (literals: ``command``, ``extra_workers``...); ``extra_config`` is appended to
+    master.cfg (Python, ``c`` is the config dict).
     """
 
     def __init__(
@@ -95,6 +98,7 @@ class ClusterMaster:
         projects: Sequence[str],
         hosts: Sequence[str],
         extra_config: str = "",
+        config_args: dict[str, Any] | None = None,
     ) -> None:
         self.name = name
         self.basedir = basedir
@@ -105,6 +109,7 @@ class ClusterMaster:
         self.projects = list(projects)
         self.hosts = list(hosts)
         self.extra_config = extra_config
+        self.config_args = dict(config_args or {})
         self.host_key_path = basedir / "sshmux" / "ssh_host_ed25519_key"
         self.log_path = basedir / "twistd.log"
         self.stdout_path = basedir / "twistd.stdout"
@@ -135,6 +140,7 @@ class ClusterMaster:
             db_url=self.db_url,
             router_url=self.router_url,
             realm=self.realm,
+            config_args="".join(f"\n    {key}={value!r}," for key, value in self.config_args.items()),
         )
         (self.basedir / "master.cfg").write_text(text + self.extra_config)
 

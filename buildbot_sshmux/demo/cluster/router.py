@@ -1,7 +1,7 @@
 """A crossbar WAMP router, the message queue of Buildbot's multi-master mode.
 
-crossbar lives in a venv of its own (``.ci/install-cluster`` makes it:
-~/.cache/buildbot-sshmux/crossbar-venv, or SSHMUX_CROSSBAR_VENV), or
+crossbar lives in a venv of its own (``.ci/install-cluster`` makes it, see
+`parts`: ~/.cache/buildbot-sshmux/crossbar-venv, or SSHMUX_CROSSBAR_VENV), or
 SSHMUX_CROSSBAR names the executable.  The router serves the realms it is
 given, anonymous and allowed everything, on ``ws://127.0.0.1:PORT/ws``.
 crossbar refuses port 0, so a free port is picked (and another one tried if
@@ -19,8 +19,6 @@ from typing import Any
 
 from .procs import free_port, stop_group, tail, wait_until
 
-REPO = Path(__file__).resolve().parents[2]
-INSTALL_SCRIPT = REPO / ".ci" / "install-cluster"
 READY = "NODE_BOOT_COMPLETE"
 
 

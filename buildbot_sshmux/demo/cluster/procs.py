@@ -1,4 +1,4 @@
-"""Small process and socket helpers shared by the cluster fixtures (blocking, no reactor)."""
+"""Small process and socket helpers of the cluster machinery (blocking, no reactor)."""
 
 from __future__ import annotations
 
