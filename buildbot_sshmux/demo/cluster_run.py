@@ -25,7 +25,6 @@ import contextlib
 import http.client
 import importlib.metadata
 import os
-import shutil
 import stat
 import statistics
 import sys
@@ -39,7 +38,7 @@ from typing import Any
 
 from attrs import define, field
 
-from buildbot_sshmux.demo.run import HOSTS, project_names
+from buildbot_sshmux.demo.run import HOSTS, Outcome, _say, finish, first_few, project_names, table
 
 MASTERS = ("a", "b", "c")
 KILLED = "a"
@@ -91,16 +90,6 @@ class Figures:
     stock_after: int = 0
     failed: list[str] = field(factory=list)  # "PROJECT on HOST (RESULT)" of each build not green
     not_reattached: list[str] = field(factory=list)
-
-
-@define
-class Outcome:
-    figures: Figures | None = None
-    error: str | None = None
-
-
-def _say(text: str) -> None:
-    print(text, flush=True)
 
 
 # -- before the directory: what the cluster needs -------------------------------------------
@@ -446,10 +435,7 @@ def summary(f: Figures) -> str:
             + (" (they stay detached)" if f.stock and not f.stock_after else ""),
         ),
     ]
-    width = max(len(k) for k, _ in rows)
-    lines = ["", "buildbot-sshmux cluster demo summary", "-" * (width + 60)]
-    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
-    return "\n".join(lines)
+    return table("buildbot-sshmux cluster demo summary", rows, 60)
 
 
 def _problem(outcome: Outcome) -> str | None:
@@ -463,13 +449,11 @@ def _problem(outcome: Outcome) -> str | None:
         return "no build ran"
     problems = []
     if f.green != f.total:
-        shown = ", ".join(f.failed[:5]) + (f" and {len(f.failed) - 5} more" if len(f.failed) > 5 else "")
-        problems.append(f"{f.total - f.green} of {f.total} builds not green: {shown}")
+        problems.append(f"{f.total - f.green} of {f.total} builds not green: {first_few(f.failed)}")
     if f.not_reattached or len(f.reattach) != f.moved:
-        shown = ", ".join(f.not_reattached[:5]) + (" ..." if len(f.not_reattached) > 5 else "")
         problems.append(
             f"{len(f.not_reattached)} of master {KILLED}'s {f.moved} sessions did not re-attach "
-            f"within {REATTACH_TIMEOUT:.0f}s: {shown}"
+            f"within {REATTACH_TIMEOUT:.0f}s: {first_few(f.not_reattached)}"
         )
     if sum(f.after.values()) != f.sessions:
         problems.append(
@@ -495,20 +479,7 @@ def _logs(root: Path) -> list[str]:
 
 def report(root: Path, outcome: Outcome, keep: bool) -> int:
     """Print how a run went; delete ``root`` after a good run unless ``keep``; the exit status."""
-    if outcome.figures is not None:
-        print(summary(outcome.figures))
-    problem = _problem(outcome)
-    if problem is None:
-        if keep:
-            print(f"kept the demo directory {root}")
-        else:
-            shutil.rmtree(root, ignore_errors=True)
-        return 0
-    logs = _logs(root)
-    print(f"demo failed: {problem}", file=sys.stderr)
-    where = f"; its logs: {', '.join(logs)}" if logs else ""
-    print(f"kept the demo directory {root}{where}", file=sys.stderr)
-    return 1
+    return finish(root, outcome, keep, summary, _problem(outcome), _logs(root))
 
 
 def run(options: argparse.Namespace) -> int:

@@ -298,6 +298,20 @@ def established_tcp(local_port: int) -> int:
     return sum(1 for local, _remote in established_tcp_ports() if local == local_port)
 
 
+def stop_process(process: subprocess.Popen[bytes] | None, timeout: float = 15.0) -> int | None:
+    """SIGTERM a child and wait, SIGKILL after ``timeout`` seconds; its exit code (None: never started)."""
+    if process is None:
+        return None
+    if process.poll() is None:
+        process.terminate()
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+    return process.returncode
+
+
 class LauncherProcess:
     """An ``ssh-worker run CONFIG`` child process, its output in a log file."""
 
@@ -320,16 +334,7 @@ class LauncherProcess:
         log.close()
 
     def stop(self, timeout: float = 15.0) -> int | None:
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
     def output(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

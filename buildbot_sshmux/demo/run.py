@@ -128,10 +128,23 @@ class Figures:
 
 @define
 class Outcome:
-    """How a run ended: its figures, or what stopped it."""
+    """How a run ended: its figures (this demo's or the cluster demo's), or what stopped it."""
 
-    figures: Figures | None = None
+    figures: Any = None
     error: str | None = None
+
+
+def table(title: str, rows: list[tuple[str, str]], rule: int) -> str:
+    """A demo's summary: a title, a rule, then each row's label and value."""
+    width = max(len(k) for k, _ in rows)
+    lines = ["", title, "-" * (width + rule)]
+    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
+    return "\n".join(lines)
+
+
+def first_few(names: list[str], most: int = 5) -> str:
+    """``names`` for a one-line message: the first ``most``, then how many more."""
+    return ", ".join(names[:most]) + (f" and {len(names) - most} more" if len(names) > most else "")
 
 
 def _say(text: str) -> None:
@@ -268,10 +281,7 @@ def summary(f: Figures) -> str:
         ("attach time over SSH", f"{f.attach_seconds:.1f}s"),
         ("builds green/total", f"{f.green}/{f.total} in {f.build_seconds:.1f}s"),
     ]
-    width = max(len(k) for k, _ in rows)
-    lines = ["", "buildbot-sshmux demo summary", "-" * (width + 40)]
-    lines += [f"{k.ljust(width)}  {v}" for k, v in rows]
-    return "\n".join(lines)
+    return table("buildbot-sshmux demo summary", rows, 40)
 
 
 def _problem(outcome: Outcome) -> str | None:
@@ -284,8 +294,7 @@ def _problem(outcome: Outcome) -> str | None:
     if not f.total:
         return "no build ran"
     if f.green != f.total:
-        shown = ", ".join(f.failed[:5]) + (f" and {len(f.failed) - 5} more" if len(f.failed) > 5 else "")
-        return f"{f.total - f.green} of {f.total} builds not green: {shown}"
+        return f"{f.total - f.green} of {f.total} builds not green: {first_few(f.failed)}"
     return None
 
 
@@ -297,20 +306,32 @@ def _logs(root: Path) -> list[str]:
 
 def report(root: Path, outcome: Outcome, keep: bool) -> int:
     """Print how a run went; delete ``root`` after a good run unless ``keep``; the exit status."""
+    hint = " (build output is in the master's database, master/state.sqlite)" if outcome.figures else ""
+    return finish(root, outcome, keep, summary, _problem(outcome), _logs(root), hint)
+
+
+def finish(
+    root: Path,
+    outcome: Outcome,
+    keep: bool,
+    summary: Any,
+    problem: str | None,
+    logs: list[str],
+    hint: str = "",
+) -> int:
+    """Either demo's end: its summary; ``root`` deleted after a good run unless
+    ``keep``, else kept with its logs named; the exit status."""
     if outcome.figures is not None:
         print(summary(outcome.figures))
-    problem = _problem(outcome)
     if problem is None:
         if keep:
             print(f"kept the demo directory {root}")
         else:
             shutil.rmtree(root, ignore_errors=True)
         return 0
-    logs = _logs(root)
     print(f"demo failed: {problem}", file=sys.stderr)
     where = f"; its logs: {', '.join(logs)}" if logs else ""
-    extra = " (build output is in the master's database, master/state.sqlite)" if outcome.figures else ""
-    print(f"kept the demo directory {root}{where}{extra}", file=sys.stderr)
+    print(f"kept the demo directory {root}{where}{hint}", file=sys.stderr)
     return 1
 
 

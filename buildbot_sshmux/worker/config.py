@@ -207,6 +207,22 @@ def _int(path: Path, where: str, table: dict[str, Any], key: str, default: Any) 
     raise _fail(path, where, f"{key} must be an integer, not {value!r}")
 
 
+def _table(
+    path: Path,
+    where: str,
+    table: Any,
+    known: set[str],
+    hidden: frozenset[str] | set[str] = frozenset(),
+    not_table: str = "must be a table",
+) -> None:
+    """A table of ``known`` keys (and ``hidden`` ones, not listed in the error), or ConfigError."""
+    if not isinstance(table, dict):
+        raise _fail(path, where, not_table)
+    unknown = sorted(set(table) - known - hidden)
+    if unknown:
+        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(known))})")
+
+
 def _bool(path: Path, where: str, table: dict[str, Any], key: str, default: bool) -> bool:
     value = table.get(key, default)
     if isinstance(value, bool):
@@ -242,11 +258,7 @@ def _pins(path: Path, where: str, table: dict[str, Any], key: str) -> tuple[str,
 
 def _master(path: Path, index: int, table: Any, single: bool, where: str = "") -> MasterConfig:
     where = where or ("[master]" if single else f"[[master]] #{index + 1}")
-    if not isinstance(table, dict):
-        raise _fail(path, where, "must be a table")
-    unknown = sorted(set(table) - MASTER_KEYS - ({"cluster", "weight"} if where == "[cluster]" else set()))
-    if unknown:
-        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(MASTER_KEYS))})")
+    _table(path, where, table, MASTER_KEYS, {"cluster", "weight"} if where == "[cluster]" else set())
     host, port = _split_address(path, where, table.get("address"))
     pins, cas = _pins(path, where, table, "host_key"), _pins(path, where, table, "host_ca")
     known_hosts = _str(path, where, table, "known_hosts")
@@ -303,11 +315,7 @@ def _proxy(path: Path, where: str, table: dict[str, Any]) -> str | None:
 def _cluster(path: Path, table: Any) -> tuple[ClusterConfig, list[MasterConfig]]:
     """The [cluster] table: one MasterConfig per member, sharing every other key."""
     where = "[cluster]"
-    if not isinstance(table, dict):
-        raise _fail(path, where, "must be a table (one [cluster] per config)")
-    unknown = sorted(set(table) - CLUSTER_KEYS)
-    if unknown:
-        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(CLUSTER_KEYS))})")
+    _table(path, where, table, CLUSTER_KEYS, not_table="must be a table (one [cluster] per config)")
     members = table.get("masters")
     if not isinstance(members, list) or not members:
         raise _fail(
@@ -332,11 +340,7 @@ def _cluster(path: Path, table: Any) -> tuple[ClusterConfig, list[MasterConfig]]
 def _worker(path: Path, index: int, table: Any, targets: list[str], where: str = "") -> WorkerConfig:
     expanded = bool(where)  # from a [[workers]] table: name it, not the generated name
     where = where or f"[[worker]] #{index + 1}"
-    if not isinstance(table, dict):
-        raise _fail(path, where, "must be a table")
-    unknown = sorted(set(table) - WORKER_KEYS)
-    if unknown:
-        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: {', '.join(sorted(WORKER_KEYS))})")
+    _table(path, where, table, WORKER_KEYS)
     name = table.get("name")
     if not isinstance(name, str) or not name:
         raise _fail(path, where, "name is missing")
@@ -398,11 +402,7 @@ def _target(path: Path, where: str, table: dict[str, Any], targets: list[str]) -
 
 def _forward(path: Path, index: int, table: Any, targets: list[str]) -> ForwardConfig:
     where = f"[[forward]] #{index + 1}"
-    if not isinstance(table, dict):
-        raise _fail(path, where, "must be a table")
-    unknown = sorted(set(table) - {"listen", "master"})
-    if unknown:
-        raise _fail(path, where, f"unknown key {unknown[0]!r} (known: listen, master)")
+    _table(path, where, table, {"listen", "master"})
     listen = table.get("listen")
     if isinstance(listen, int) and not isinstance(listen, bool):
         listen = str(listen)
@@ -423,19 +423,13 @@ def _forward(path: Path, index: int, table: Any, targets: list[str]) -> ForwardC
 def _expand(path: Path, where: str, table: Any) -> list[tuple[str, dict[str, Any]]]:
     """A [[workers]] table as one [[worker]] table per project: ``{project}``
     in name, basedir and password_file is replaced by each project's name."""
-    if not isinstance(table, dict):
-        raise _fail(path, where, "must be a table")
+    _table(path, where, table, WORKER_KEYS | {"projects"})
     projects = table.get("projects")
     if not isinstance(projects, list) or not projects or not all(isinstance(p, str) and p for p in projects):
         raise _fail(path, where, 'projects must be a list of names, e.g. projects = ["glib", "gtk"]')
     name = table.get("name")
     if not isinstance(name, str) or "{project}" not in name:
         raise _fail(path, where, 'name must contain {project}, e.g. name = "{project}-debian-sid"')
-    unknown = sorted(set(table) - WORKER_KEYS - {"projects"})
-    if unknown:
-        raise _fail(
-            path, where, f"unknown key {unknown[0]!r} (known: projects, {', '.join(sorted(WORKER_KEYS))})"
-        )
     rest = {k: v for k, v in table.items() if k != "projects"}
     rest.setdefault("basedir", "workers/{project}")
     expanded = []

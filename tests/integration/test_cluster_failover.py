@@ -8,7 +8,6 @@ cluster (PostgreSQL, crossbar).
 
 from __future__ import annotations
 
-import socket
 from pathlib import Path
 from typing import Any
 
@@ -16,18 +15,13 @@ from buildbot.process.results import SUCCESS
 from twisted.internet import defer, reactor
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster.procs import free_port
 from buildbot_sshmux.worker.placement import assign
 from tests import support as S
 from tests.realmaster import RealMasterCase
 
 PROJECTS = [f"proj{i:02d}" for i in range(12)]
 HOST = "hosta"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def figures(test: str, **values: Any) -> None:

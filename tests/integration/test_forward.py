@@ -9,43 +9,19 @@ refused by the master through the same listener.
 
 from __future__ import annotations
 
-import subprocess
-import sys
-from pathlib import Path
-
 from twisted.internet import defer, reactor
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster import stock
+from buildbot_sshmux.demo.cluster.procs import free_port
+from buildbot_sshmux.demo.cluster.stock import StockWorker
 from tests import support as S
 
-from .test_cluster_failover import free_port
-from .test_import import create_worker
 from .test_launcher import LauncherTestCase, figures
 from .test_launcher_ops import ssh_worker
 
 HOST = "hosta"
 PROJECTS = ["alpha", "beta", "gamma"]
-
-
-class StockWorker:
-    """``twistd --nodaemon -y buildbot.tac`` in a worker directory: buildbot-worker unmodified."""
-
-    def __init__(self, basedir: Path) -> None:
-        self.basedir = basedir
-        self.process = subprocess.Popen(
-            [sys.executable, "-c", "from twisted.scripts.twistd import run; run()",
-             "--nodaemon", "--pidfile=", "--logfile=twistd.log", "-y", "buildbot.tac"],
-            cwd=basedir, stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(15)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
 
 
 class ForwardTests(LauncherTestCase):
@@ -64,13 +40,14 @@ class ForwardTests(LauncherTestCase):
                             "the forward to listen")  # fmt: skip
 
         names = [T.worker_name(p, HOST) for p in PROJECTS]
-        workers = []
-        (self.root / "stock").mkdir()
-        for name in [*names, "intruder-otherhost"]:
-            create_worker(self.root / "stock" / name, name, master=f"localhost:{listen}")
-            worker = StockWorker(self.root / "stock" / name)
+        workers = [
+            StockWorker(self.root / "stock" / n, n, T.WORKER_PASSWORD.format(name=n), listen)
+            for n in [*names, "intruder-otherhost"]
+        ]  # each its buildbot.tac naming the listener, and nothing else changed
+        stock.create_all(workers)
+        for worker in workers:
             self.addCleanup(worker.stop)
-            workers.append(worker)
+            worker.start()
         started = reactor.seconds()
         await self.wait_attached(names, timeout=60)
         figures("forward mode", workers=len(names), attach_s=reactor.seconds() - started)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import stat
 import sys
 import urllib.request
@@ -20,6 +19,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet import defer, reactor, task, threads, utils
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster.procs import free_port
 from tests import support as S
 
 from .test_launcher import LauncherTestCase, figures, names_for
@@ -56,12 +56,6 @@ async def scrape(port: int) -> Samples:
         for family in text_string_to_metric_families(text)
         for s in family.samples
     }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class MasterStatusTests(LauncherTestCase):

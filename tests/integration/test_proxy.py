@@ -11,11 +11,12 @@ import subprocess
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, reactor
 
 from buildbot_sshmux.demo import harness as T
+from buildbot_sshmux.demo.cluster.procs import free_port
+from tests import support as S
 
-from .test_cluster_failover import free_port
 from .test_launcher import LauncherTestCase
 
 HOST = "hosta"
@@ -46,9 +47,7 @@ class Tinyproxy:
                                         stderr=subprocess.STDOUT)  # fmt: skip
 
     def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            self.process.wait(10)
+        T.stop_process(self.process, 10)
 
     def text(self) -> str:
         return self.log.read_text(errors="replace") if self.log.exists() else ""
@@ -118,11 +117,4 @@ class ProxyTests(LauncherTestCase):
                 self.assertIn("check the user and password", text)
                 self.assertNotIn("wrong", text)
             self.assertEqual(T.attached_workers(master), set())
-            await self.stop_launcher_now(launcher)
-
-    async def stop_launcher_now(self, launcher: T.LauncherProcess) -> None:
-        from twisted.internet import reactor
-
-        from tests import support as S
-
-        await S.stop_launcher(reactor, launcher)
+            await S.stop_launcher(reactor, launcher)

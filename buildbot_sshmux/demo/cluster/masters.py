@@ -28,6 +28,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+from buildbot_sshmux.demo.harness import stop_process
 from buildbot_sshmux.wire.keys import generate_ed25519, public_line, write_private_key
 
 from .procs import free_port, listening, tail, wait_until
@@ -180,16 +181,7 @@ class ClusterMaster:
 
     def stop(self, timeout: float = 30.0) -> int | None:
         """SIGTERM and wait (SIGKILL after ``timeout``); its exit code."""
-        if self.process is None:
-            return None
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
-        return self.process.returncode
+        return stop_process(self.process, timeout)
 
     def kill(self) -> None:
         """SIGKILL, as a crash: the database still says this master is active and has its workers."""

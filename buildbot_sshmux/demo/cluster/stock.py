@@ -14,6 +14,8 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from buildbot_sshmux.demo.harness import stop_process
+
 from .masters import TWISTD
 from .procs import tail
 
@@ -56,13 +58,7 @@ class StockWorker:
         return self.process is not None and self.process.poll() is None
 
     def stop(self, timeout: float = 15.0) -> None:
-        if self.process is not None and self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait()
+        stop_process(self.process, timeout)
 
     def diagnostics(self) -> str:
         code = self.process.poll() if self.process else None
