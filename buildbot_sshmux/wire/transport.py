@@ -355,6 +355,12 @@ class CountingTransport:
         self.written += sum(map(len, data))
         self.tcp.writeSequence(data)
 
+    @property
+    def disconnecting(self) -> bool:
+        # Read for every packet and every read: a property, not the
+        # __getattr__ fallback (a failed lookup first, then the forward).
+        return bool(self.tcp.disconnecting)
+
     def __getattr__(self, name: str) -> Any:
         return getattr(self.tcp, name)
 
