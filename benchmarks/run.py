@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from benchmarks.common import MiB, median, openssh_missing, python_env
+from buildbot_sshmux.wire.channel import FlowLimits
 
 TRANSPORTS = ("plain", "sshmux", "openssh")
 TITLES = {"plain": "plain PB", "sshmux": "sshmux", "openssh": "OpenSSH"}
@@ -243,11 +244,15 @@ def e2e_rounds(results: dict[str, Any]) -> dict[str, dict[str, dict[str, list[di
 
 
 def run_profile(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
-    """cProfile both sides of one sshmux bulk run."""
+    """One change's measure: sshmux bulk unprofiled (medians of --reps), then
+    cProfile on both sides of one more run; Python calls per packet."""
     prefix = str(run.root / "profile")
     channels = [args.profile_channels]
-    figures = run("bulk", "sshmux", 300, channels=channels, bytes=args.bulk_mib * MiB, reps=1, profile=prefix)
-    tops = {}
+    size = args.bulk_mib * MiB
+    plain = run("bulk", "sshmux", 300, channels=channels, bytes=size, reps=args.reps)
+    profiled = run("bulk", "sshmux", 300, channels=channels, bytes=size, reps=1, profile=prefix)
+    tops, calls = {}, {}
+    packets = size / FlowLimits().max_packet
     for side in ("master", "worker"):
         path = f"{prefix}.{side}"
         if not Path(path).exists():
@@ -255,10 +260,11 @@ def run_profile(run: Runner, args: argparse.Namespace, transports: list[str]) ->
         out = Path(f"{path}.txt")
         with open(out, "w") as f:
             stats = pstats.Stats(path, stream=f).strip_dirs()
+            calls[side] = stats.total_calls / packets  # type: ignore[attr-defined]
             stats.sort_stats("cumulative").print_stats(15)
-            stats.sort_stats("tottime").print_stats(10)
+            stats.sort_stats("tottime").print_stats(25)
         tops[side] = out.read_text()
-    return {"bulk": figures, "pstats": tops}
+    return {"bulk": plain, "profiled": profiled, "pstats": tops, "calls_per_packet": calls}
 
 
 # --- the table ---------------------------------------------------------------
@@ -409,55 +415,75 @@ def table(env: dict[str, Any], table_rows: list[dict[str, Any]], notes: list[str
     return "\n".join([title, "", render(header), rule, *map(render, lines), "", *notes])
 
 
-def targets(results: dict[str, Any], table_rows: list[dict[str, Any]]) -> list[str]:
-    """The issue's targets, each with how far off it is."""
+def target(name: str, value: Any, unit: str, op: str, limit: float) -> dict[str, Any]:
+    """One target as the JSON carries it; ``pass`` is None when not measured."""
+    number = value if isinstance(value, (int, float)) and value == value else None
+    passed = None if number is None else (number >= limit if op == ">=" else number <= limit)
+    return {"name": name, "value": number, "unit": unit, "target": f"{op} {limit:g}", "pass": passed}
+
+
+def cell_ratio(row: dict[str, Any], a: str, b: str) -> float | None:
+    x, y = row.get(a), row.get(b)
+    return x / y if isinstance(x, (int, float)) and isinstance(y, (int, float)) and y else None
+
+
+def targets(results: dict[str, Any], table_rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Issue 14's targets (and issue 5's that still stand), for those the run measured."""
     by_name = {r["name"]: r for r in table_rows}
-    checks = []
-
-    def check(label: str, value: Any, limit: float, higher: bool, unit: str = "") -> None:
-        if not isinstance(value, (int, float)):
-            checks.append(f"  {'MISS' if value else '?   '} {label}: {value or 'not measured'}")
-            return
-        ok = value >= limit if higher else value <= limit
-        wanted = f"{'>=' if higher else '<='} {limit:g}{unit}"
-        checks.append(f"  {'PASS' if ok else 'MISS'} {label}: {value:.3g}{unit} (target {wanted})")
-
+    out: list[dict[str, Any]] = []
     one = by_name.get("bulk, 1 ch, MB/s (aggregate)", {})
+    cpu = by_name.get("bulk, 1 ch, master CPU s/GB", {})
+    if one:
+        out.append(
+            target("bulk, 1 channel: sshmux / plain PB", cell_ratio(one, "sshmux", "plain"), "x", ">=", 0.8)
+        )
+        out.append(target("bulk, 1 channel: master CPU per GB, sshmux / plain PB", cell_ratio(cpu, "sshmux", "plain"),
+                          "x", "<=", 2))  # fmt: skip
+        if "openssh" in results.get("bulk", {}):
+            out.append(target("bulk, 1 channel: sshmux / OpenSSH tunnel", cell_ratio(one, "sshmux", "openssh"), "x",
+                              ">=", 1))  # fmt: skip
     hundred = by_name.get("bulk, 100 ch, MB/s (aggregate)", {})
-    if isinstance(one.get("sshmux"), (int, float)) and isinstance(one.get("openssh"), (int, float)):
-        check("one channel bulk vs OpenSSH tunnel", one["sshmux"] / one["openssh"], 1.0, True, "x")
-    if isinstance(one.get("sshmux"), (int, float)) and isinstance(hundred.get("sshmux"), (int, float)):
-        check("100 channels aggregate vs one channel", hundred["sshmux"] / one["sshmux"], 1.0, True, "x")
-    check("small-call p99 with 10 bulk channels", by_name.get("small call RTT, 10 bulk ch, p99 ms", {}).get("sshmux"),
-          20, False, " ms")  # fmt: skip
+    if one and hundred:
+        both = {"sshmux": hundred.get("sshmux"), "one": one.get("sshmux")}
+        out.append(
+            target(
+                "bulk: 100 channels aggregate / 1 channel", cell_ratio(both, "sshmux", "one"), "x", ">=", 1
+            )
+        )
+    p99 = by_name.get("small call RTT, 10 bulk ch, p99 ms")
+    if p99:
+        out.append(target("small-call p99 with 10 bulk channels", p99.get("sshmux"), "ms", "<=", 2))
     attach = results.get("attach", {}).get("sshmux", {})
     if "2000" in attach:
-        check(
-            "2000 sessions all attached",
-            by_name.get("attach 2000 sessions, s", {}).get("sshmux"),
-            15,
-            False,
-            " s",
-        )
+        row = by_name.get("attach 2000 sessions, s", {})
+        out.append(target("attach 2000 sessions", row.get("sshmux"), "s", "<=", 15))
     added = {n: median([f["master_fds"] - f["master_fds_before"] - f["connections"] for f in runs if "master_fds" in f])
              for n, runs in attach.items()}  # fmt: skip
+    added = {n: v for n, v in added.items() if v is not None}
     if added:
         spread = max(added.values()) - min(added.values())
-        checks.append(
-            f"  {'PASS' if spread <= 1 else 'MISS'} master fds = connections + constant:"
-            f" fds added less connections, by sessions: {', '.join(f'{n}: {v:g}' for n, v in added.items())}"
-        )
+        sizes = ", ".join(f"{n}: {v:g}" for n, v in added.items())
+        out.append(target(f"master fds = connections + constant (fds added less connections: {sizes}); spread",
+                          spread, "fds", "<=", 1))  # fmt: skip
+    per_session = by_name.get("worker side RSS per added session, KiB (50->200)", {})
+    if per_session:
+        out.append(target("launcher RSS per idle session, 50 -> 200 sessions", per_session.get("sshmux"), "KiB",
+                          "<=", 100))  # fmt: skip
     mem = [r for r in results.get("memory", {}).get("sshmux", []) if "peak_growth" in r]
     if mem:
-        worst = max(r["peak_growth"] for r in mem)
-        check(
-            "stalled peer: master peak RSS growth vs budget (worst run)",
-            worst / mem[0]["budget"],
-            1.2,
-            False,
-            "x",
-        )
-    return checks
+        worst = max(r["peak_growth"] for r in mem) / mem[0]["budget"]
+        out.append(target("stalled peer: master peak RSS growth / budget (worst run)", worst, "x", "<=", 1.2))
+    return out
+
+
+def target_lines(checks: list[dict[str, Any]]) -> list[str]:
+    def line(t: dict[str, Any]) -> str:
+        verdict = {True: "PASS", False: "MISS", None: "?   "}[t["pass"]]
+        unit = t["unit"] if t["unit"] in ("x", "") else f" {t['unit']}"
+        value = "not measured" if t["value"] is None else f"{fmt(t['value'])}{unit}"
+        return f"  {verdict} {t['name']}: {value} (target {t['target']}{unit})"
+
+    return [line(t) for t in checks]
 
 
 def notes(
@@ -556,6 +582,21 @@ def plot(path: str, results: dict[str, Any]) -> str:
     return f"plot written to {path}"
 
 
+def profile_summary(profile: dict[str, Any], args: argparse.Namespace) -> str:
+    """The profile workload's verdict on one change: unprofiled figures, calls per packet."""
+    runs = profile["bulk"].get("runs", {}).get(str(args.profile_channels), [])
+    lines = [f"profile workload: sshmux bulk, {args.profile_channels} channel(s), {args.bulk_mib} MiB a run,"
+             f" {len(runs)} unprofiled runs (median, then every run):"]  # fmt: skip
+    for key, what in (("mb_per_s", "MB/s"), ("master_cpu_s_per_gb", "master CPU s/GB"),
+                      ("worker_cpu_s_per_gb", "worker CPU s/GB")):  # fmt: skip
+        values = [r[key] for r in runs]
+        lines.append(f"  {what:16} {fmt(median(values))}  ({' '.join(fmt(v) for v in values)})")
+    calls = profile.get("calls_per_packet", {})
+    lines.append("  Python calls per 64 KiB packet (profiled run): "
+                 + ", ".join(f"{side} {n:.1f}" for side, n in calls.items()))  # fmt: skip
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     started = time.monotonic()
@@ -577,23 +618,23 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     table_rows = rows(results)
     wall = time.monotonic() - started
-    lines = notes(results, skipped, args, run.errors) + [
-        "",
-        "targets (issue 5):",
-        *targets(results, table_rows),
-    ]
+    checks = targets(results, table_rows)
+    lines = notes(results, skipped, args, run.errors) + ["", "targets:", *target_lines(checks)]
     lines.append(f"wall time {wall:.0f} s")
     print()
     print(table(env, table_rows, lines))
-    for side, text in results.get("profile", {}).get("pstats", {}).items():
+    profile = results.get("profile", {})
+    for side, text in profile.get("pstats", {}).items():
         print(
             f"\nprofile, sshmux bulk, {args.profile_channels} channel(s), {side} side (first to last byte):\n{text}"
         )
+    if profile:
+        print(profile_summary(profile, args))
     if args.plot:
         print(plot(args.plot, results))
     if args.json:
         Path(args.json).write_text(json.dumps(
-            {"environment": env, "wall_seconds": wall, "rows": table_rows, "results": results,
+            {"environment": env, "wall_seconds": wall, "targets": checks, "rows": table_rows, "results": results,
              "skipped": skipped, "arguments": vars(args)}, indent=1))  # fmt: skip
         print(f"JSON written to {args.json}")
     return 1 if run.errors else 0

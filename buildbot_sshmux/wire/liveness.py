@@ -196,6 +196,10 @@ class RekeyingTransport:
         if messageType != MSG_KEXINIT:
             self._count(len(payload))
 
+    def send_parts(self, messageType: int, parts: Any) -> None:
+        super().send_parts(messageType, parts)  # type: ignore[misc]
+        self._count(sum(map(len, parts)))
+
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)  # type: ignore[misc]
         self._count(len(data))

@@ -11,9 +11,17 @@ from typing import Any
 from cryptography.exceptions import InvalidTag
 from twisted.conch.ssh import transport
 from twisted.conch.ssh.common import getNS
+from twisted.conch.ssh.connection import MSG_CHANNEL_DATA
 from twisted.logger import Logger, LogLevel
 
-from buildbot_sshmux.wire.aead import AEAD_CIPHERS, PacketCipher, RandomPadding, packet_cipher, padding_length
+from buildbot_sshmux.wire.aead import (
+    AEAD_CIPHERS,
+    Bytes,
+    PacketCipher,
+    RandomPadding,
+    packet_cipher,
+    padding_length,
+)
 from buildbot_sshmux.wire.liveness import RekeyingTransport
 from buildbot_sshmux.wire.peerlog import quote
 
@@ -134,12 +142,17 @@ class AEADFraming:
     plaintext; with an AEAD cipher one call seals or opens a packet, and
     the length is read from the header first.  Other ciphers go through
     Conch unchanged.
+
+    Bulk data costs one copy before sealing a packet (`send_parts` frames
+    the message's parts with one join) and one after opening it: a read's
+    packets are opened where they lie, and a ``CHANNEL_DATA`` message goes
+    to a service that ``takes_data_views`` as a view of the opened packet.
     """
 
     currentEncryptions: Any
     buf: bytes
     _padding: RandomPadding | None = None
-    _incoming_length: int | None = None  # of the packet being received, once read
+    _incoming_length: int | None = None  # of the packet at the start of buf, once read
 
     def incoming_packet_limit(self) -> int:
         """The longest packet accepted now (a server lowers it before login)."""
@@ -150,26 +163,130 @@ class AEADFraming:
         t.nextEncryptions = Ciphers.adopt(t.nextEncryptions)
         super()._keySetup(sharedSecret, exchangeHash)  # type: ignore[misc]
 
+    # Output
+
     def sendPacket(self, messageType: int, payload: bytes) -> None:
-        sealer = getattr(self.currentEncryptions, "out_aead", None)
-        if sealer is None:
+        if getattr(self.currentEncryptions, "out_aead", None) is None:
             return super().sendPacket(messageType, payload)  # type: ignore[misc]
         t: Any = self
         if t._keyExchangeState != t._KEY_EXCHANGE_NONE and not t._allowedKeyExchangeMessageType(messageType):
             t._blockedByKeyExchange.append((messageType, payload))
             return None
-        message = bytes((messageType,)) + payload
         if t.outgoingCompression:
-            message = t.outgoingCompression.compress(message) + t.outgoingCompression.flush(2)
-        pad = padding_length(1 + len(message), sealer.block_size)
-        if self._padding is None:
-            self._padding = RandomPadding()
-        body = b"".join((bytes((pad,)), message, self._padding.take(pad)))
-        t.transport.writeSequence(sealer.seal(t.outgoingPacketSequence, len(body).to_bytes(4, "big"), body))
-        t.outgoingPacketSequence += 1
+            message = t.outgoingCompression.compress(bytes((messageType,)) + payload)
+            self._seal(b"", (message + t.outgoingCompression.flush(2),))
+        else:
+            self._seal(bytes((messageType,)), (payload,))
         return None
 
+    def can_send_parts(self) -> bool:
+        """Whether `send_parts` may frame a message now (else: `sendPacket`)."""
+        t: Any = self
+        return (
+            getattr(self.currentEncryptions, "out_aead", None) is not None
+            and t._keyExchangeState == t._KEY_EXCHANGE_NONE
+            and not t.outgoingCompression
+        )
+
+    def send_parts(self, messageType: int, parts: Sequence[Bytes]) -> None:
+        """Send a message whose payload is ``parts`` joined, without joining
+        them first; only when `can_send_parts`."""
+        self._seal(bytes((messageType,)), parts)
+
+    def _seal(self, message_type: bytes, parts: Sequence[Bytes]) -> None:
+        """Frame, seal and write one packet: padding length, ``message_type``
+        (one byte, or none if the parts include it), the parts, padding."""
+        t: Any = self
+        sealer = self.currentEncryptions.out_aead
+        size = len(message_type) + sum(map(len, parts))
+        pad = padding_length(1 + size, sealer.block_size)
+        if self._padding is None:
+            self._padding = RandomPadding()
+        body = b"".join((bytes((pad,)), message_type, *parts, self._padding.take(pad)))
+        t.transport.writeSequence(sealer.seal(t.outgoingPacketSequence, len(body).to_bytes(4, "big"), body))
+        t.outgoingPacketSequence += 1
+
+    # Input
+
+    def dataReceived(self, data: bytes) -> None:
+        t: Any = self
+        if not t.gotVersion or getattr(self.currentEncryptions, "in_aead", None) is None:
+            super().dataReceived(data)  # type: ignore[misc]  # Conch's: the version line, packets before AEAD
+            return
+        buf = self.buf + data if self.buf else data
+        pos = self._open_packets(buf)
+        if pos < 0:
+            self.buf = b""  # dropped: the rest is not read
+            return
+        self.buf = buf[pos:] if pos else buf
+        if self.buf and getattr(self.currentEncryptions, "in_aead", None) is None:
+            super().dataReceived(b"")  # type: ignore[misc]  # a re-exchange chose a cipher Conch frames
+
+    def _open_packets(self, buf: bytes) -> int:
+        """Open and dispatch the whole AEAD packets at the start of ``buf``;
+        where the rest begins, or -1 if the peer was dropped."""
+        t: Any = self
+        view = memoryview(buf)
+        pos, size = 0, len(buf)
+        try:
+            while size - pos >= 4 and not t.transport.disconnecting:
+                opener = self.currentEncryptions.in_aead
+                if opener is None:
+                    break
+                seq = t.incomingPacketSequence
+                length = self._incoming_length
+                if length is None:
+                    length = opener.packet_length(seq, view[pos : pos + 4])
+                    if not self._length_allowed(opener, length):
+                        return -1
+                end = pos + 4 + length + opener.tag_size
+                if size < end:
+                    self._incoming_length = length
+                    break
+                self._incoming_length = None
+                try:
+                    body = opener.open(seq, view[pos : pos + 4], view[pos + 4 : end])
+                except InvalidTag:
+                    t.sendDisconnect(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
+                    return -1
+                pos = end
+                number, payload = self._message(body)
+                if payload is None:
+                    return -1
+                t.incomingPacketSequence = seq + 1
+                self.dispatchMessage(number, payload)  # type: ignore[attr-defined]
+            return pos
+        finally:
+            view.release()
+
+    def _length_allowed(self, opener: PacketCipher, length: int) -> bool:
+        if length > self.incoming_packet_limit() or length < opener.block_size or length % opener.block_size:
+            self.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % length)  # type: ignore[attr-defined]
+            return False
+        return True
+
+    def _message(self, body: bytes) -> tuple[int, Bytes | None]:
+        """(message number, payload) of an opened packet; payload None if it is malformed."""
+        t: Any = self
+        pad = body[0]
+        if pad < 4 or pad + 2 > len(body):
+            t.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length %d" % pad)
+            return 0, None
+        if t.incomingCompression:
+            try:
+                message = t.incomingCompression.decompress(body[1:-pad])
+            except Exception:
+                t.sendDisconnect(transport.DISCONNECT_COMPRESSION_ERROR, b"compression error")
+                return 0, None
+            return message[0], message[1:]
+        number = body[1]
+        if number == MSG_CHANNEL_DATA and getattr(t.service, "takes_data_views", False):
+            return number, memoryview(body)[2 : len(body) - pad]
+        return number, body[2 : len(body) - pad]
+
     def getPacket(self) -> bytes | None:
+        """Conch's packet reader (its dataReceived calls it until the first
+        AEAD key takes over): the next packet's message, or None."""
         opener = getattr(self.currentEncryptions, "in_aead", None)
         t: Any = self
         if opener is None:
@@ -179,13 +296,13 @@ class AEADFraming:
             return None
         length = self._incoming_length
         if length is None:
-            length = self._incoming_length = opener.packet_length(seq, buf)
-            limit = self.incoming_packet_limit()
-            if length > limit or length < opener.block_size or length % opener.block_size:
-                t.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad packet length %d" % length)
+            length = opener.packet_length(seq, buf)
+            if not self._length_allowed(opener, length):
+                self._incoming_length = length
                 return None
         end = 4 + length + opener.tag_size
         if len(buf) < end:
+            self._incoming_length = length
             return None
         self._incoming_length = None
         view = memoryview(buf)
@@ -194,6 +311,8 @@ class AEADFraming:
         except InvalidTag:
             t.sendDisconnect(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
             return None
+        finally:
+            view.release()
         self.buf = buf[end:]
         pad = body[0]
         if pad < 4 or pad + 2 > len(body):

@@ -235,6 +235,27 @@ class FramingTests(TestCase):
         self.assertEqual(self.successResultOf(d), "y" * 40_000)
         pair.close()
 
+    def test_every_packet_of_one_read_is_opened(self) -> None:
+        pair = self.start()
+        d, data = self.held_to_master(pair, "v" * 300_000)  # several packets, one read
+        pair.server.dataReceived(data)
+        self.assertEqual(pair.server.buf, b"", "a whole packet left unread")
+        pair.flush()
+        self.assertEqual(self.successResultOf(d), "v" * 300_000)
+
+    def test_a_re_exchange_to_a_cipher_conch_frames_within_one_read(self) -> None:
+        # The worker's NEWKEYS and its first AES-CTR packets reach the master
+        # in one read: the AEAD reader hands the rest to Conch's.
+        pair = self.start()
+        client = pair.client_transport()
+        client.supportedCiphers = [b"aes128-ctr"]
+        session = EchoSession(self, pair)
+        client.rekey()
+        d = session.echo("u" * 90_000)  # queued during the exchange, sent after NEWKEYS
+        pair.flush()
+        self.assertEqual(self.successResultOf(d), "u" * 90_000)
+        self.assertEqual(negotiated(pair.server)[2], b"aes128-ctr")
+
     def tampered(self, change: int, cipher: bytes = GCM128) -> None:
         """Flip one byte ``change`` bytes into the next packet to the master."""
         pair = self.start([cipher])

@@ -343,29 +343,29 @@ class SlowMasterTests(BridgeTestCase):
 
 
 class EagerWindowTests(BridgeTestCase):
-    """Window goes back to the peer every three packets, not every half window:
-    over a long link a channel moves about a window a round trip."""
+    """Window goes back to the peer once a quarter of it is used, not every
+    half window: over a long link a channel moves about a window a round trip."""
 
     client_limits = server_limits = attrs.evolve(SMALL, window_size=64 * 1024, max_buffer=1 << 20)
 
-    def test_window_is_given_back_after_three_packets(self) -> None:
+    def test_window_is_given_back_once_a_quarter_is_used(self) -> None:
         _client, channel, server, server_channel = self.open_channel()
         window = self.server_limits.window_size
-        channel.write(b"a" * 2048)  # two packets: not yet
+        channel.write(b"a" * (window // 4 - 1))  # not yet
         self.pair.flush()
-        self.assertEqual(server_channel.localWindowLeft, window - 2048)
-        channel.write(b"b" * 1024)  # three packets' worth: all of it back
+        self.assertEqual(server_channel.localWindowLeft, window - window // 4 + 1)
+        channel.write(b"b")  # a quarter: all of it back
         self.pair.flush()
         self.assertEqual(server_channel.localWindowLeft, window)
         self.assertEqual(channel.remoteWindowLeft, window)
-        self.assertEqual(len(server.received), 3072)
+        self.assertEqual(len(server.received), window // 4)
 
     def test_a_paused_protocol_gets_no_window_back(self) -> None:
         _client, channel, _server, server_channel = self.open_channel()
         server_channel.pauseProducing()
-        channel.write(b"c" * 8000)
+        channel.write(b"c" * 20000)
         self.pair.flush()
-        self.assertEqual(server_channel.localWindowLeft, self.server_limits.window_size - 8000)
+        self.assertEqual(server_channel.localWindowLeft, self.server_limits.window_size - 20000)
         server_channel.resumeProducing()
         self.pair.flush()
         self.assertEqual(server_channel.localWindowLeft, self.server_limits.window_size)

@@ -149,6 +149,29 @@ class MasterSideTests(FaultsTestCase):
         self.assertTrue(self.logs.matching("worker 'glib-debian-sid'", "Invalid Type Byte", "channel closed"))
 
 
+class LogLabelTests(FaultsTestCase):
+    def test_a_protocol_logs_under_its_channel_label(self) -> None:
+        # Buildbot logs with twisted.python.log.msg from inside dataReceived:
+        # its lines name the session, as TCP's name the connection.
+        from twisted.python import log as legacy_log
+
+        a, b = self.two_sessions()
+        events: list[dict[str, Any]] = []
+        legacy_log.addObserver(events.append)
+        self.addCleanup(legacy_log.removeObserver, events.append)
+        received = a.server_broker.dataReceived
+
+        def logging_received(data: bytes) -> None:
+            legacy_log.msg("broker input")
+            received(data)
+
+        a.server_broker.dataReceived = logging_received  # type: ignore[method-assign]
+        self.assertEqual(a.echo("hello"), "hello")
+        systems = {e["system"] for e in events if e.get("message") == ("broker input",)}
+        self.assertEqual(systems, {a.server_channel.label})
+        self.assertIn("host debian-sid", a.server_channel.label)
+
+
 class LauncherSideTests(FaultsTestCase):
     def test_garbage_from_the_master_closes_only_that_session(self) -> None:
         a, b = self.two_sessions()
