@@ -69,6 +69,11 @@ class FlowLimits:
     max_buffer: int = 8 * MiB
     connection_high_water: int = 16 * MiB
     connection_max_buffer: int = 64 * MiB
+    # Twisted pauses its producer once 64 KiB wait for the socket: after one
+    # full packet.  Channels send this much more before they hold, so a few
+    # packets leave a reactor turn (measured: 12% more bulk, a tenth less CPU
+    # per GB on each side; a megabyte made some runs slower than none).
+    link_slack: int = 192 * KiB
     # Past a max_buffer, 0 aborts the channel at once (the master: a worker
     # host must not make it hold more); more waits until the peer has taken
     # nothing for that many seconds (the worker side: buildbot-worker streams
@@ -100,14 +105,26 @@ class ConnectionBudget:
     def __init__(self, limits: FlowLimits) -> None:
         self.limits = limits
         self.pending = 0
-        self.link_paused = False  # the TCP socket is full
+        self.link_paused = False  # the TCP transport paused us: its buffer is full
+        self.slack = 0  # what channels may still send while link_paused
         self.rekeying = False  # a key exchange holds packets back
         self._throttled: dict[ProtocolChannel, None] = {}
 
     @property
     def blocked(self) -> bool:
         """Whether channels must hold their data for now."""
-        return self.link_paused or self.rekeying
+        return (self.link_paused and self.slack <= 0) or self.rekeying
+
+    def pause_link(self, slack: int) -> None:
+        """The TCP transport's buffer is full: channels may send ``slack`` more."""
+        if not self.link_paused:
+            self.link_paused = True
+            self.slack = slack
+
+    def sent(self, n: int) -> None:
+        """``n`` bytes of channel data went to the TCP transport."""
+        if self.link_paused:
+            self.slack -= n
 
     @property
     def exhausted(self) -> bool:
@@ -404,6 +421,7 @@ class ProtocolChannel(SSHChannel):
         self._last_progress = self._clock()
         self.conn.send_data(self, pieces)  # type: ignore[union-attr]
         self._budget.refund(n)
+        self._budget.sent(n)
         if self.closing and not self._pending and not self.localClosed:
             self.conn.sendClose(self)  # type: ignore[union-attr]
         self.update_throttle()
@@ -594,11 +612,11 @@ class FlowControlledConnection(connection.SSHConnection):
     # IPushProducer, for the TCP transport
 
     def pauseProducing(self) -> None:
-        self.budget.link_paused = True
+        self.budget.pause_link(self.limits.link_slack)
 
     def resumeProducing(self) -> None:
         self.budget.link_paused = False
         self.flush_channels()
 
     def stopProducing(self) -> None:
-        self.budget.link_paused = True
+        self.budget.pause_link(0)

@@ -39,6 +39,7 @@ PREFERRED_CIPHERS = [
 ]
 PREFERRED_MACS = [b"hmac-sha2-256", b"hmac-sha2-512", b"hmac-sha1"]
 MAX_PACKET_LENGTH = 1048576  # Conch's limit on an incoming packet
+SEND_LIMIT = 512 * 1024  # bytes one send() call may take (Twisted's FileDescriptor.SEND_LIMIT)
 IMPLICIT_MAC = b"<implicit>"  # the MAC "name" of an AEAD direction, as OpenSSH reports it
 KEX_STRICT_CLIENT = b"kex-strict-c-v00@openssh.com"
 KEX_STRICT_SERVER = b"kex-strict-s-v00@openssh.com"
@@ -500,6 +501,9 @@ class MuxTransport(DropMalformed, RekeyingTransport, StrictKeyExchange, AEADFram
     bytes_received = 0
 
     def makeConnection(self, transport: Any) -> None:
+        # One send() call takes what a reactor turn wrote (Twisted's default
+        # is 128 KiB): the channels' link_slack lets a few packets out at once.
+        transport.SEND_LIMIT = SEND_LIMIT
         super().makeConnection(CountingTransport(transport))  # type: ignore[misc]
 
     @property

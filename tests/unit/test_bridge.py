@@ -34,6 +34,7 @@ SMALL = FlowLimits(
     max_buffer=16384,
     connection_high_water=1 << 20,
     connection_max_buffer=1 << 22,
+    link_slack=0,
 )
 
 
@@ -298,6 +299,23 @@ class BackpressureTests(BridgeTestCase):
         self.pair.flush()
         self.assertEqual(channel.pending, 0)
         self.assertEqual(bytes(server.received), b"held")
+
+
+class LinkSlackTests(BridgeTestCase):
+    client_limits = attrs.evolve(SMALL, link_slack=2048)
+
+    def test_channels_send_the_slack_once_the_link_pauses_then_hold(self) -> None:
+        _client, channel, server, _server_channel = self.open_channel()
+        conn = self.pair.connection()
+        conn.pauseProducing()
+        conn.pauseProducing()  # a second pause gives no more slack
+        channel.write(b"s" * 3000)
+        self.pair.flush()
+        self.assertEqual(channel.pending, 3000 - 2048)
+        self.assertEqual(len(server.received), 2048)
+        conn.resumeProducing()
+        self.pair.flush()
+        self.assertEqual((channel.pending, len(server.received)), (0, 3000))
 
 
 class SlowMasterTests(BridgeTestCase):

@@ -12,7 +12,8 @@ from twisted.trial.unittest import TestCase
 from buildbot_sshmux.wire.channel import FlowControlledConnection, FlowLimits, ProtocolChannel
 
 ADDRESS = IPv4Address("TCP", "127.0.0.1", 9989)
-LIMITS = FlowLimits(max_packet=1000, high_water=10**6, max_buffer=10**7)
+# link_slack=0: a paused link holds every channel at once (the queues these tests build)
+LIMITS = FlowLimits(max_packet=1000, high_water=10**6, max_buffer=10**7, link_slack=0)
 
 
 class PacketLog:
