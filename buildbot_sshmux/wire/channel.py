@@ -18,8 +18,8 @@ full.  This one counts what waits, per channel and per connection:
 
 The connection registers itself as producer on its TCP transport (unless its
 SSH transport ``produces_for_tcp`` itself and passes pauses on, as the
-server's does), so a full socket buffer holds back every channel instead of
-growing in the kernel's place.
+server's does), so a full socket buffer holds back every channel (after
+``link_slack`` more bytes) instead of growing in the kernel's place.
 
 An exception from the protocol's ``dataReceived`` (garbage from the peer)
 closes that channel alone, with one log line, as it would close a TCP
