@@ -108,6 +108,26 @@ def percentile(values: Sequence[float], q: float) -> float | None:
     return values[rank - 1]
 
 
+LISTEN = "tcp:0:interface=127.0.0.1"
+TWISTED_BACKLOG = 50
+"""Twisted's listen backlog when a strports description names none: what a stock master.cfg gets."""
+
+
+def somaxconn() -> int:
+    """The kernel's cap on any listen backlog (net.core.somaxconn)."""
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
+def listen_on(port: int = 0, backlog: int | None = None) -> str:
+    """A strports description on 127.0.0.1 (``backlog`` None: Twisted's default)."""
+    return f"tcp:{port}:interface=127.0.0.1" + (f":backlog={backlog}" if backlog else "")
+
+
+def effective_backlog(backlog: int | None) -> int:
+    """The accept queue a listen with ``backlog`` gets (None: Twisted's 50), after the kernel's cap."""
+    return min(backlog or TWISTED_BACKLOG, somaxconn())
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

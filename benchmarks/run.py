@@ -29,6 +29,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from benchmarks import common
 from benchmarks.common import MiB, median, openssh_missing, python_env
 
 TRANSPORTS = ("plain", "sshmux", "openssh")
@@ -69,6 +70,17 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--attach-timeout", type=float, default=30.0, help="seconds to wait for all sessions (default 30)"
+    )
+    p.add_argument(
+        "--attach-default-sessions",
+        default="200,1000",
+        help="attach sizes run again with Twisted's default listen backlog, 50 (plain and OpenSSH; default 200,1000)",
+    )
+    p.add_argument(
+        "--attach-default-timeout",
+        type=float,
+        default=15.0,
+        help="seconds to wait for all sessions with the default backlog (default 15)",
     )
     p.add_argument(
         "--e2e-mib",
@@ -131,6 +143,8 @@ class Runner:
         what = f"{workload} over {TITLES[transport]}"
         if "sessions" in params:
             what += f", {params['sessions']} sessions"
+        if "backlog" in params:
+            what += f", backlog {params['backlog'] or 'default'}"
         print(f"[{time.monotonic() - self.started:6.1f}s] {what}", flush=True)
         try:
             done = subprocess.run(
@@ -179,23 +193,38 @@ def run_memory(run: Runner, args: argparse.Namespace, transports: list[str]) -> 
 
 
 def run_attach(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    """Every size with a fair listen backlog (N); some again with Twisted's default (50), as users meet it.
+
+    sshmux's one connection needs no deep queue: it runs with the fair backlog only.
+    """
+    sizes = [int(s) for s in args.sessions.split(",")]
+    default_sizes = [int(s) for s in args.attach_default_sessions.split(",") if s]
+    return {
+        "fair": attach_sizes(run, args, transports, sizes, True, args.attach_timeout),
+        "default_backlog": attach_sizes(run, args, [t for t in transports if t != "sshmux"], default_sizes,
+                                        False, args.attach_default_timeout),
+    }  # fmt: skip
+
+
+def attach_sizes(
+    run: Runner, args: argparse.Namespace, transports: list[str], sizes: list[int], fair: bool, timeout: float
+) -> dict[str, dict[str, list[dict[str, Any]]]]:
+    """{transport: {sessions: runs}}; a transport that timed out at one size skips the larger ones."""
     results: dict[str, dict[str, list[dict[str, Any]]]] = {t: {} for t in transports}
     gave_up: dict[str, int] = {}
-    for n in [int(s) for s in args.sessions.split(",")]:
+    for n in sizes:
         for t, at in gave_up.items():
             results[t][str(n)] = [{"skipped": f"timed out at {at}"}]
         for _rep in range(args.reps if n <= args.attach_reps_upto else 1):
             for t in transports:
                 if t not in gave_up:
-                    figures = run("attach", t, args.attach_timeout + 120, sessions=n, timeout=args.attach_timeout,
-                                  db_url=args.db_url)  # fmt: skip
+                    figures = run("attach", t, timeout + 120, sessions=n, timeout=timeout, db_url=args.db_url,
+                                  backlog=n if fair else None)  # fmt: skip
                     results[t].setdefault(str(n), []).append(figures)
         for t in transports:
             if t not in gave_up and attach_seconds(results[t][str(n)]) == INF:
                 gave_up[t] = n
-                print(
-                    f"    {TITLES[t]}: not all {n} sessions attached in {args.attach_timeout:g}s; no larger sizes"
-                )
+                print(f"    {TITLES[t]}: not all {n} sessions attached in {timeout:g}s; no larger sizes")
     return results
 
 
@@ -330,24 +359,14 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         row(f"stalled peer: master peak RSS +MiB (budget {budget:.0f})", "lower",
             {t: med(r, "peak_growth", 1 / MiB) for t, r in mem.items()})  # fmt: skip
 
-    attach = results.get("attach", {})
+    attach = results.get("attach", {}).get("fair", {})
+    default = results.get("attach", {}).get("default_backlog", {})
     sizes = sorted({int(n) for by_n in attach.values() for n in by_n})
     for n in sizes:
         runs = {t: [f for f in by_n.get(str(n), []) if "attached" in f] for t, by_n in attach.items()}
-        cells: dict[str, Any] = {}
-        for t, by_n in attach.items():
-            r, seconds = runs[t], attach_seconds(runs[t])
-            skipped = [f["skipped"] for f in by_n.get(str(n), []) if "skipped" in f]
-            if skipped:
-                cells[t] = f"skipped: {skipped[0]}"
-            elif not r:
-                cells[t] = "error"
-            elif seconds == INF:
-                worst = min(r, key=lambda f: f["attached"])
-                cells[t] = f"t/o {worst['attached']}/{n} @{worst['waited']:.0f}s"
-            else:
-                cells[t] = seconds
-        row(f"attach {n} sessions, s", "lower", cells)
+        row(f"attach {n} sessions, s (fair backlog)", "lower", attach_cells(attach, n))
+        if any(str(n) in by_n for by_n in default.values()):
+            row(f"attach {n} sessions, s (default backlog 50)", "lower", attach_cells(default, n))
         row(f"  master open fds after ({n})", "lower", {t: med(r, "master_fds") for t, r in runs.items()})
         row(
             f"  master RSS after, MiB ({n})",
@@ -381,6 +400,27 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 aggregate = " (aggregate)" if n != "1" and key == "mb_per_s" else ""
                 row(f"e2e {E2E_KINDS.get(kind, kind)}, {sessions}, {what}{aggregate}", better, figures)
     return out
+
+
+def attach_cells(attach: dict[str, dict[str, list[dict[str, Any]]]], n: int) -> dict[str, Any]:
+    """Each transport's median seconds for ``n`` sessions, or why there is none."""
+    cells: dict[str, Any] = {}
+    for t, by_n in attach.items():
+        if str(n) not in by_n:
+            continue
+        r = [f for f in by_n[str(n)] if "attached" in f]
+        seconds = attach_seconds(r)
+        skipped = [f["skipped"] for f in by_n[str(n)] if "skipped" in f]
+        if skipped:
+            cells[t] = f"skipped: {skipped[0]}"
+        elif not r:
+            cells[t] = "error"
+        elif seconds == INF:
+            worst = min(r, key=lambda f: f["attached"])
+            cells[t] = f"t/o {worst['attached']}/{n} @{worst['waited']:.0f}s"
+        else:
+            cells[t] = seconds
+    return cells
 
 
 def ratio(a: Any, b: Any) -> str:
@@ -430,11 +470,11 @@ def targets(results: dict[str, Any], table_rows: list[dict[str, Any]]) -> list[s
         check("100 channels aggregate vs one channel", hundred["sshmux"] / one["sshmux"], 1.0, True, "x")
     check("small-call p99 with 10 bulk channels", by_name.get("small call RTT, 10 bulk ch, p99 ms", {}).get("sshmux"),
           20, False, " ms")  # fmt: skip
-    attach = results.get("attach", {}).get("sshmux", {})
+    attach = results.get("attach", {}).get("fair", {}).get("sshmux", {})
     if "2000" in attach:
         check(
             "2000 sessions all attached",
-            by_name.get("attach 2000 sessions, s", {}).get("sshmux"),
+            by_name.get("attach 2000 sessions, s (fair backlog)", {}).get("sshmux"),
             15,
             False,
             " s",
@@ -476,7 +516,13 @@ def notes(
         "memory": f"memory: {STALL['channels']} channels each ask for {STALL['bytes'] // MiB} MiB, written at once"
         " by the master; the peer never reads its socket.",
         "attach": f"attach: real Buildbot master (sqlite {'in memory' if args.db_url == 'sqlite://' else args.db_url}),"
-        f" 10 workers per builder; t/o = attached/N when the {args.attach_timeout:g} s timeout hit (the median"
+        " 10 workers per builder. Fair backlog: the master's PB port (and sshmux's SSH port) listen with a backlog"
+        f" of N (tcp:0:...:backlog=N in c['protocols']['pb']['port'], which Buildbot hands to Twisted as is; the"
+        f" kernel caps it at net.core.somaxconn, {common.somaxconn()} here); default backlog 50: Twisted's, when"
+        " the port names none, as a stock master.cfg has it (what users meet; plain and OpenSSH only, timeout"
+        f" {args.attach_default_timeout:g} s). The OpenSSH tunnel's ssh -L listener keeps OpenSSH's fixed"
+        " backlog either way: SSH_LISTEN_BACKLOG, 128 (ssh.h; channels.c listens forwarding sockets with it)."
+        f" t/o = attached/N when the {args.attach_timeout:g} s timeout hit (the median"
         " counts it as infinite).",
         "e2e": f"e2e: real Buildbot master (as attach), builds worker -> master of {args.e2e_mib} MiB per round,"
         " split across the sessions' builds running at once: a FileUpload (file checked: size, sha256) or a"
@@ -493,16 +539,17 @@ def notes(
     ]
     if algorithms:
         lines.append("ciphers: " + "; ".join(f"{TITLES[t]} {a}" for t, a in algorithms.items()))
-    for t, by_n in results.get("attach", {}).items():
+    for t, by_n in results.get("attach", {}).get("fair", {}).items():
         raised = [n for n, runs in by_n.items() if any(f.get("max_channels_raised") for f in runs)]
         if raised:
             lines.append(f"attach over {TITLES[t]}: max_channels raised to N for N = {', '.join(raised)}"
                          " (the default caps channels per connection)")  # fmt: skip
-    overflows = {t: sum(f.get("listen_overflows", 0) for runs in by_n.values() for f in runs)
-                 for t, by_n in results.get("attach", {}).items()}  # fmt: skip
-    if any(overflows.values()):
-        lines.append("attach: connections turned away by a full accept queue (ListenOverflows), all runs: "
-                     + ", ".join(f"{TITLES[t]} {v}" for t, v in overflows.items()))  # fmt: skip
+    for variant, what in (("fair", "fair backlog"), ("default_backlog", "default backlog 50")):
+        overflows = {t: sum(f.get("listen_overflows", 0) for runs in by_n.values() for f in runs)
+                     for t, by_n in results.get("attach", {}).get(variant, {}).items()}  # fmt: skip
+        if any(overflows.values()):
+            lines.append(f"attach, {what}: connections turned away by a full accept queue (ListenOverflows),"
+                         " all runs: " + ", ".join(f"{TITLES[t]} {v}" for t, v in overflows.items()))  # fmt: skip
     mem = {t: runs for t, runs in results.get("memory", {}).items() if runs and "aborted_streams" in runs[0]}
     if mem:
         lines.append("memory: streams the master aborted: " + ", ".join(
@@ -532,15 +579,18 @@ def plot(path: str, results: dict[str, Any]) -> str:
     except ImportError:
         return "no plot: matplotlib is not installed (pip install matplotlib)"
     fig, (left, right) = plt.subplots(1, 2, figsize=(11, 4))
-    for t, by_n in results.get("attach", {}).items():
-        seconds = {int(n): attach_seconds(runs) for n, runs in by_n.items()}
-        done = sorted((n, s) for n, s in seconds.items() if s not in (None, INF))
-        timed_out = [(n, max(f["waited"] for f in by_n[str(n)] if "waited" in f))
-                     for n, s in seconds.items() if s == INF]  # fmt: skip
-        line = left.plot(*zip(*done), marker="o", label=TITLES[t])[0] if done else None
-        if timed_out:
-            color = line.get_color() if line else None
-            left.plot(*zip(*timed_out), "x", markersize=10, color=color, label=f"{TITLES[t]}: timed out")
+    variants = (("fair", "", "-"), ("default_backlog", ", backlog 50", ":"))
+    for variant, label, style in variants:
+        for t, by_n in results.get("attach", {}).get(variant, {}).items():
+            seconds = {int(n): attach_seconds(runs) for n, runs in by_n.items()}
+            done = sorted((n, s) for n, s in seconds.items() if s not in (None, INF))
+            timed_out = [(n, max(f["waited"] for f in by_n[str(n)] if "waited" in f))
+                         for n, s in seconds.items() if s == INF]  # fmt: skip
+            name = TITLES[t] + label
+            line = left.plot(*zip(*done), style, marker="o", label=name)[0] if done else None
+            if timed_out:
+                color = line.get_color() if line else None
+                left.plot(*zip(*timed_out), "x", markersize=10, color=color, label=f"{name}: timed out")
     left.set(xlabel="worker sessions", ylabel="seconds to all attached", xscale="log", title="attach")
     for t, r in results.get("bulk", {}).items():
         if "runs" in r:
