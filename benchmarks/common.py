@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -78,6 +79,26 @@ def descendants(pid: int) -> list[int]:
 
 def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(p) for p in descendants(pid))
+
+
+def thread_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process's (main thread, other threads: e.g. Buildbot's database pool)."""
+    main = others = 0.0
+    for tid in os.listdir("/proc/self/task"):
+        seconds = cpu_seconds(f"self/task/{tid}")
+        if int(tid) == os.getpid():
+            main = seconds
+        else:
+            others += seconds
+    return main, others
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open files limit (and its children's) to the hard limit; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def listen_overflows() -> int:
@@ -165,21 +186,34 @@ def openssh_env() -> dict[str, str]:
 
 
 class Child(protocol.ProcessProtocol):
-    """A child process; its stdout and stderr kept apart."""
+    """A child process; its stdout and stderr kept apart, or both written to ``log``.
+
+    A ``log`` file spares this process reading a chatty child's output.
+    """
 
     def __init__(
-        self, reactor: Any, argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None
+        self,
+        reactor: Any,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        log: Path | None = None,
     ) -> None:
         self.reactor = reactor
         self.argv = [str(a) for a in argv]
         self.out = bytearray()
         self.err = bytearray()
+        self.log = log
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.exit_code: int | None = None
         self.pid = 0
-        reactor.spawnProcess(
-            self, self.argv[0], self.argv, env=env if env is not None else python_env(), path=cwd
-        )
+        env = env if env is not None else python_env()
+        if log is None:
+            reactor.spawnProcess(self, self.argv[0], self.argv, env=env, path=cwd)
+            return
+        with open(log, "ab") as f:
+            fds = {0: "w", 1: f.fileno(), 2: f.fileno()}
+            reactor.spawnProcess(self, self.argv[0], self.argv, env=env, path=cwd, childFDs=fds)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -200,6 +234,8 @@ class Child(protocol.ProcessProtocol):
         return not self.ended.called
 
     def text(self) -> str:
+        if self.log is not None:
+            return self.log.read_text(errors="replace")
         return (self.out + self.err).decode("utf-8", "replace")
 
     async def wait_for(self, needle: str, timeout: float = 20.0) -> None:

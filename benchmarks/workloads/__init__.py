@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-WORKLOADS = ("bulk", "fairness", "memory", "attach", "e2e")
+WORKLOADS = ("bulk", "fairness", "memory", "attach", "e2e", "scale")
 
 
 def main() -> None:

@@ -34,13 +34,19 @@ PER_BUILDER = 10
 
 
 def master_config(
-    site: T.Site, names: list[str], db_url: str, ssh_port: str = common.LISTEN, pb_port: str = common.LISTEN
+    site: T.Site,
+    names: list[str],
+    db_url: str,
+    ssh_port: str = common.LISTEN,
+    pb_port: str = common.LISTEN,
+    **service: Any,
 ) -> dict[str, Any]:
-    """Builders of PER_BUILDER workers each; a launcher may open a channel per session."""
+    """Builders of PER_BUILDER workers each; ``service``: more `SSHMuxService` arguments."""
     from buildbot.plugins import schedulers, steps, util, worker
 
     # One launcher may hold every session: lift the per-connection channel cap if need be.
-    service = {"max_channels": len(names)} if len(names) > ServerLimits().max_channels else None
+    if len(names) > ServerLimits().max_channels:
+        service["max_channels"] = len(names)
     config = T.master_config(
         ["unused"], site.hosts, site, ssh_port=ssh_port, pb_port=pb_port, service=service
     )
