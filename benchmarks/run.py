@@ -43,8 +43,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--plot", metavar="PNG", help="plot attach time and bulk throughput (needs matplotlib)")
     p.add_argument(
         "--workloads",
-        default="bulk,wan,fairness,memory,attach,e2e",
-        help="comma-separated: bulk, wan, fairness, memory, attach, e2e, profile (default: all but profile)",
+        default="bulk,wan,fairness,memory,attach,e2e,scale",
+        help="comma-separated: bulk, wan, fairness, memory, attach, e2e, scale, profile (default: all but profile)",
     )
     p.add_argument(
         "--transports", default=",".join(TRANSPORTS), help="comma-separated: plain, sshmux, openssh"
@@ -90,6 +90,41 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     p.add_argument(
         "--e2e-sessions", default="1,10", help="e2e builds running at once, one per session (default 1,10)"
+    )
+    p.add_argument("--scale-hosts", type=int, default=50, help="scale: worker hosts (default 50)")
+    p.add_argument(
+        "--scale-sessions-per-host", type=int, default=200, help="scale: sessions per host (default 200)"
+    )
+    p.add_argument(
+        "--scale-timeout",
+        type=float,
+        default=60.0,
+        help="scale: seconds until an attach counts as timed out (default 60; the next phases wait up to 4x)",
+    )
+    p.add_argument(
+        "--scale-idle-seconds", type=float, default=8.0, help="scale: each idle window, seconds (default 8)"
+    )
+    p.add_argument(
+        "--scale-idle-k",
+        type=int,
+        default=60,
+        help="scale: keepalives this many times as frequent (default 60)",
+    )
+    p.add_argument(
+        "--scale-plain-restart",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="scale: restart the plain PB master too (default: yes)",
+    )
+    p.add_argument(
+        "--scale-profile",
+        action="store_true",
+        help="scale: one more sshmux attach, the master under cProfile; print its top functions",
+    )
+    p.add_argument(
+        "--scale-buildbot-prioritizer",
+        action="store_true",
+        help="scale: keep Buildbot's default prioritizeBuilders (after a large attach it stays busy for minutes)",
     )
     p.add_argument(
         "--db-url",
@@ -145,6 +180,9 @@ class Runner:
             what += f", {params['sessions']} sessions"
         if "backlog" in params:
             what += f", backlog {params['backlog'] or 'default'}"
+        if "hosts" in params:
+            what += f", {params['hosts']} hosts x {params['per_host']} sessions, {'+'.join(params['phases'])}"
+            what += ", profiled" if params.get("profile") else ""
         print(f"[{time.monotonic() - self.started:6.1f}s] {what}", flush=True)
         try:
             done = subprocess.run(
@@ -271,6 +309,85 @@ def e2e_rounds(results: dict[str, Any]) -> dict[str, dict[str, dict[str, list[di
     return out
 
 
+def run_scale(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
+    """Many hosts to one master, plain PB and sshmux (the OpenSSH tunnel has no part in it)."""
+    params: dict[str, Any] = {
+        "hosts": args.scale_hosts,
+        "per_host": args.scale_sessions_per_host,
+        "timeout": args.scale_timeout,
+        "wait_limit": 4 * args.scale_timeout,
+        "phases": ["attach", "restart", "idle"],
+        "db_url": "sqlite://",
+        "keep_builder_order": not args.scale_buildbot_prioritizer,
+        "idle_seconds": args.scale_idle_seconds,
+        "idle_k": args.scale_idle_k,
+        "idle_settle": 1.0,
+    }
+    limit = 300 + 12 * args.scale_timeout
+    out: dict[str, Any] = {"params": params, "runs": {}}
+    for t in transports:
+        if t == "openssh":
+            continue
+        phases = [
+            ph for ph in params["phases"] if ph != "restart" or t != "plain" or args.scale_plain_restart
+        ]
+        out["runs"][t] = {**run("scale", t, limit, **{**params, "phases": phases}), "phases": phases}
+    if args.scale_profile:
+        path = run.root / "scale-profile.master"
+        profiled = {**params, "phases": ["attach"], "profile": str(path), "timeout": 3 * args.scale_timeout}
+        out["profile"] = {"figures": run("scale", "sshmux", limit, **profiled)}
+        if path.exists():
+            out["profile"].update(profile_report(path))
+    return out
+
+
+PACKAGES = ("buildbot_sshmux", "buildbot_worker", "buildbot", "twisted/spread", "twisted/conch", "twisted",
+            "sqlalchemy", "cryptography")  # fmt: skip
+EPOLL_WAIT = "<method 'poll' of 'select.epoll' objects>"
+
+
+def scale_profile_text(profiled: dict[str, Any]) -> str:
+    """The profiled scale attach: the master's time by package, then its top functions."""
+    f = profiled["figures"].get("attach", {})
+    shares, total = profiled["shares"], sum(profiled["shares"].values())
+    lines = [
+        f"\nprofile, sshmux scale attach ({profiled['figures'].get('sessions')} sessions, under cProfile:"
+        f" {f.get('all_after') or 0:.1f} s), the master's main thread; besides it, its other threads (the database)"
+        f" used {f.get('master_cpu_other_threads', 0):.1f} CPU s, and it waited {profiled['epoll_wait']:.1f} s in"
+        " epoll. Own time by package (a builtin's goes to its caller's):",
+        *(f"  {name:24s} {secs:8.2f} s  {secs / total:6.1%}" for name, secs in shares.items()),
+        profiled["top"],
+    ]
+    return "\n".join(lines)
+
+
+def package(path: str) -> str:
+    return next((name for name in PACKAGES if f"/{name}/" in path), "other (stdlib, ...)")
+
+
+def profile_report(path: Path) -> dict[str, Any]:
+    """A profile's own time by package (a builtin's goes to its callers'; waiting in epoll apart), and its top."""
+    stats = pstats.Stats(str(path))
+    shares: dict[str, float] = {}
+    waiting = 0.0
+    for (where, _line, func), (_cc, _nc, tottime, _ct, callers) in stats.stats.items():  # type: ignore[attr-defined]
+        if func == EPOLL_WAIT:
+            waiting += tottime
+        elif where != "~":
+            shares[package(where)] = shares.get(package(where), 0.0) + tottime
+        else:
+            for (caller, _l, _f), (_c, _n, caller_tottime, _t) in callers.items():
+                name = "builtins" if caller == "~" else package(caller)
+                shares[name] = shares.get(name, 0.0) + caller_tottime
+    text = Path(f"{path}.txt")
+    with open(text, "w") as f:
+        top = pstats.Stats(str(path), stream=f).strip_dirs()
+        top.sort_stats("cumulative").print_stats(25)
+        top.sort_stats("tottime").print_stats(15)
+    return {"shares": dict(sorted(shares.items(), key=lambda kv: -kv[1])), "epoll_wait": waiting,
+            "top": text.read_text()}  # fmt: skip
+
+
 def run_profile(run: Runner, args: argparse.Namespace, transports: list[str]) -> dict[str, Any]:
     """cProfile both sides of one sshmux bulk run."""
     prefix = str(run.root / "profile")
@@ -385,6 +502,8 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
         row(f"worker side RSS per added session, KiB ({a}->{b})", "lower",
             {t: slope(by_n) for t, by_n in attach.items()})  # fmt: skip
 
+    scale_rows(results.get("scale", {}), row)
+
     e2e = e2e_rounds(results)
     for key, what, better in (
         ("mb_per_s", "MB/s", "higher"),
@@ -400,6 +519,58 @@ def rows(results: dict[str, Any]) -> list[dict[str, Any]]:
                 aggregate = " (aggregate)" if n != "1" and key == "mb_per_s" else ""
                 row(f"e2e {E2E_KINDS.get(kind, kind)}, {sessions}, {what}{aggregate}", better, figures)
     return out
+
+
+def scale_rows(scale: dict[str, Any], row: Any) -> None:
+    """The scale workload's rows: attach, restart, idle hour; plain and sshmux."""
+    runs, params = scale.get("runs", {}), scale.get("params", {})
+    if not runs:
+        return
+    n = params["hosts"] * params["per_host"]
+
+    def cells(phase: str, key: str = "seconds", scale_by: float = 1.0) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for t, f in runs.items():
+            figures = f.get(phase)
+            if "skipped" in f or "error" in f:
+                out[t] = f"skipped: {f['skipped']}" if "skipped" in f else "error"
+            elif figures is None:
+                out[t] = "not run" if phase not in f.get("phases", [phase]) else "skipped: attach timed out"
+            elif key == "seconds" and figures["seconds"] is None:
+                out[t] = f"t/o {figures['attached']}/{n} @{figures['waited']:.0f}s"
+            elif figures.get(key) is not None:
+                out[t] = figures[key] * scale_by
+        return out
+
+    row(f"scale: attach {n} sessions ({params['hosts']} hosts), s", "lower", cells("attach"))
+    row("  master CPU s during the attach", "lower", cells("attach", "master_cpu"))
+    row("  of it, threads but the main one (database)", "lower", cells("attach", "master_cpu_other_threads"))
+    row("  master RSS after, MiB", "lower", cells("attach", "master_rss", 1 / MiB))
+    row("  master open fds after", "lower", cells("attach", "master_fds"))
+    row("  worker side CPU s during the attach (all hosts)", "lower", cells("attach", "worker_cpu"))
+    row("  worker side RSS/session, KiB", "lower", cells("attach", "worker_rss", 1 / 1024 / n))
+    row("scale: master restart, stop, s", "lower", cells("restart", "stop_seconds"))
+    row("  all attached again, s from the new master's start", "lower", cells("restart", "from_start"))
+    row("  all attached again, s from the stop", "lower", cells("restart", "from_stop"))
+    for side, what in (("master", "master"), ("worker", "worker side")):
+        total, fixed = {}, {}
+        for t, f in runs.items():
+            if f.get("idle"):
+                total[t], fixed[t] = idle_hour(f["idle"], side, n)
+        row(f"idle hour: {what} CPU s per 1000 sessions", "lower", total)
+        row("  of it, fixed-period timers", "lower", fixed)
+
+
+def idle_hour(idle: dict[str, Any], side: str, n: int) -> tuple[float, float]:
+    """CPU seconds an idle hour costs per 1000 sessions, and the part of it with fixed periods.
+
+    The first window (T s) runs at real periods: fixed-period timers run, no PB keepalive is due yet;
+    the second, with every keepalive K times as frequent, adds K times their cost.
+    """
+    seconds, k = idle["seconds"], idle["k"]
+    fixed = idle[f"{side}_cpu"] * 3600 / seconds
+    keepalives = (idle[f"{side}_cpu_compressed"] - idle[f"{side}_cpu"]) * 3600 / (k * seconds)
+    return (fixed + keepalives) * 1000 / n, fixed * 1000 / n
 
 
 def attach_cells(attach: dict[str, dict[str, list[dict[str, Any]]]], n: int) -> dict[str, Any]:
@@ -487,6 +658,16 @@ def targets(results: dict[str, Any], table_rows: list[dict[str, Any]]) -> list[s
             f"  {'PASS' if spread <= 1 else 'MISS'} master fds = connections + constant:"
             f" fds added less connections, by sessions: {', '.join(f'{n}: {v:g}' for n, v in added.items())}"
         )
+    scaled = results.get("scale", {}).get("runs", {}).get("sshmux", {})
+    if scaled.get("attach"):
+        f = scaled["attach"]
+        extra = f["master_fds"] - f["master_fds_before"] - f["connections"]
+        constant = max([v for v in added.values() if v is not None], default=2)
+        checks.append(
+            f"  {'PASS' if extra <= constant else 'MISS'} master fds = connections + constant at scale:"
+            f" {scaled['sessions']} sessions over {f['connections']} connections added"
+            f" {f['master_fds'] - f['master_fds_before']} fds ({extra} besides the connections)"
+        )
     mem = [r for r in results.get("memory", {}).get("sshmux", []) if "peak_growth" in r]
     if mem:
         worst = max(r["peak_growth"] for r in mem)
@@ -537,6 +718,7 @@ def notes(
         ),
         *(text for name, text in explain.items() if name in results),
     ]
+    lines += scale_notes(results.get("scale", {}), args)
     if algorithms:
         lines.append("ciphers: " + "; ".join(f"{TITLES[t]} {a}" for t, a in algorithms.items()))
     for t, by_n in results.get("attach", {}).get("fair", {}).items():
@@ -567,6 +749,62 @@ def notes(
         lines.append(f"NOTICE: {TITLES[transport]} column skipped: {why}")
     if errors:
         lines.append("FAILED: " + ", ".join(errors) + " (see the output above)")
+    return lines
+
+
+def scale_notes(scale: dict[str, Any], args: argparse.Namespace) -> list[str]:
+    """How the scale workload ran, and what its figures left out."""
+    runs, params = scale.get("runs", {}), scale.get("params", {})
+    if not runs:
+        return []
+    n, hosts = params["hosts"] * params["per_host"], params["hosts"]
+    k, seconds = params["idle_k"], params["idle_seconds"]
+    backlog = next((f["backlog"] for f in runs.values() if "backlog" in f), None)
+    fd_limit = next((f["fd_limit"] for f in runs.values() if "fd_limit" in f), None)
+    lines = [
+        f"scale: {hosts} hosts x {params['per_host']} sessions to one real master (in the workload's process; builders"
+        " of 10 workers; sqlite in memory, as attach: a file on this disk cost about twice the master CPU per"
+        " attach, and a fresh master registers its workers anew, the restarted one too). sshmux: an ssh-worker run"
+        f" launcher per host, its own key, so {hosts} SSH connections; plain PB: a process of stock Workers per host,"
+        f" a TCP connection per session. PB and SSH ports listen with a backlog of {n}, capped by the kernel at"
+        f" somaxconn: {backlog}. Open files limit {fd_limit} (soft raised to hard)."
+        " Each host's process is started, and has imported what it needs, before the clock starts: the hosts'"
+        " Python start-ups, here on the master's own cores, are no part of an attach. All hosts dial from 127.0.0.1, so"
+        " sshmux's max_startups_per_source is the host count (it stands for one address each); max_startups stays"
+        " 10:30:100. c['prioritizeBuilders'] keeps the builders' order"
+        + (
+            " (Buildbot's default sorter queries the database twice per pending builder at every attach: at 1000"
+            " sessions the master stayed busy 42 s after the last one; --scale-buildbot-prioritizer keeps it)."
+            if params["keep_builder_order"]
+            else ": NOT set (--scale-buildbot-prioritizer): Buildbot's default sorter."
+        ),
+        "scale restart: the master's stopService (as on SIGTERM), then a new BuildMaster in the same process on the"
+        " same ports (Python's imports not timed). Launchers redial with their backoff (1 s, doubling, +-50%"
+        " jitter, at most 60 s; their sessions wait for the connection); stock Workers with Twisted's (1.5^n s"
+        " plus up to 1 s, at most 60 s).",
+        f"idle hour: two {seconds:g} s windows after the restart, as things are, then with every keepalive {k}x as"
+        " frequent, each at a random phase (PB keepalives of the workers, 600 s; of the master, 3600 s, a Buildbot"
+        f" class attribute with no setting; SSH keepalives both ways, 30 s, their count max x{k}). Fixed-period timers"
+        " keep their periods (launcher: Rebalancer 1 s, status line 5 s; master: authorized_hosts and certificates"
+        " 2 s, shutdown watch 0.5 s; Buildbot's heartbeat 60 s). CPU per hour = W1 x 3600/T (fixed-period timers;"
+        " no PB keepalive is due yet in W1, each having started at its session's login) + (W2 - W1) x 3600/(K T)"
+        f" (keepalives; T = {seconds:g} s, K = {k}); per 1000 sessions: x 1000/{n}. Worker side: its processes"
+        " summed.",
+    ]
+    for t, f in runs.items():
+        for phase in ("attach", "restart"):
+            figures = f.get(phase) or {}
+            if figures.get("seconds") is None and figures.get("all_after") is not None:
+                lines.append(f"scale {phase} over {TITLES[t]}: timed out at {params['timeout']:g} s; all"
+                             f" {n} attached after {figures['all_after']:.1f} s")  # fmt: skip
+        drops = {phase: (f.get(phase) or {}).get("startup_drops") for phase in ("attach", "restart")}
+        if t == "sshmux" and any(drops.values()):
+            lines.append(f"scale over sshmux: SSH connections dropped by max_startups before their login: attach"
+                         f" {drops['attach']}, restart {drops['restart']} (each host redialled)")  # fmt: skip
+        redials = (f.get("restart") or {}).get("redials")
+        if redials:
+            lines.append(f"scale restart over sshmux: a launcher dialled the master again at most"
+                         f" {redials['max_attempt']} times, its longest wait {redials['longest_delay']:g} s")  # fmt: skip
     return lines
 
 
@@ -619,7 +857,7 @@ def main(argv: list[str] | None = None) -> int:
     root = Path(tempfile.mkdtemp(prefix="sshmux-bench-"))
     run = Runner(root)
     workloads = {"bulk": run_bulk, "wan": run_wan, "fairness": run_fairness, "memory": run_memory, "attach": run_attach,
-                 "e2e": run_e2e, "profile": run_profile}  # fmt: skip
+                 "e2e": run_e2e, "scale": run_scale, "profile": run_profile}  # fmt: skip
     results = {name: workloads[name](run, args, transports) for name in args.workloads.split(",")}
     if args.keep or run.errors:
         print(f"work directory kept (logs, keys, configs): {root}")
@@ -635,6 +873,9 @@ def main(argv: list[str] | None = None) -> int:
     lines.append(f"wall time {wall:.0f} s")
     print()
     print(table(env, table_rows, lines))
+    profiled = results.get("scale", {}).get("profile", {})
+    if "shares" in profiled:
+        print(scale_profile_text(profiled))
     for side, text in results.get("profile", {}).get("pstats", {}).items():
         print(
             f"\nprofile, sshmux bulk, {args.profile_channels} channel(s), {side} side (first to last byte):\n{text}"

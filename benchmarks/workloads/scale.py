@@ -27,7 +27,7 @@ Phases (``phases``):
              and of the worker side (summed) in each.
 
 An attach slower than ``timeout`` is reported as timed out, and waited for
-up to ``limit`` so that the next phases can run.
+up to ``wait_limit`` so that the next phases can run.
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ class WorkerSide:
 async def wait_attached(
     reactor: Any, master: Master, workers: WorkerSide, p: dict[str, Any]
 ) -> dict[str, Any]:
-    """Wait until every session is attached to its builder (or up to ``limit``): when; how many at ``timeout``."""
+    """Wait until every session is attached to its builder (or up to ``wait_limit``): when; how many at ``timeout``."""
     n, start = len(master.names), reactor.seconds()
     at_timeout: list[int] = []
 
@@ -212,7 +212,7 @@ async def wait_attached(
             at_timeout.append(len(T.ready_workers(master.master)))
         return master.ready() >= n or not workers.running
 
-    await common.wait_until(reactor, done, p["limit"], interval=0.2)
+    await common.wait_until(reactor, done, p["wait_limit"], interval=0.2)
     waited = reactor.seconds() - start
     all_ready = master.ready() >= n
     figures = {
@@ -242,7 +242,7 @@ async def attach_phase(
         profiler.disable()
         profiler.dump_stats(p["profile"])
     main1, others1 = common.thread_cpu_seconds()
-    settled = await common.wait_until(reactor, lambda: not master.distributing(), p["limit"], 0.2)
+    settled = await common.wait_until(reactor, lambda: not master.distributing(), p["wait_limit"], 0.2)
     main2, others2 = common.thread_cpu_seconds()
     return {
         **figures,
