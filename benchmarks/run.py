@@ -536,7 +536,7 @@ def scale_rows(scale: dict[str, Any], row: Any) -> None:
                 out[t] = f"skipped: {f['skipped']}" if "skipped" in f else "error"
             elif figures is None:
                 out[t] = "not run" if phase not in f.get("phases", [phase]) else "skipped: attach timed out"
-            elif key == "seconds" and figures["seconds"] is None:
+            elif key in ("seconds", "from_start", "from_stop") and figures["seconds"] is None:
                 out[t] = f"t/o {figures['attached']}/{n} @{figures['waited']:.0f}s"
             elif figures.get(key) is not None:
                 out[t] = figures[key] * scale_by

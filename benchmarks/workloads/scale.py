@@ -270,6 +270,7 @@ async def restart_phase(
     await master.start()
     started = reactor.seconds()
     figures = await wait_attached(reactor, master, workers, p)
+    settled = await common.wait_until(reactor, lambda: not master.distributing(), p["wait_limit"], 0.2)
 
     def since(base: float, seconds: float | None) -> float | None:
         return seconds + started - base if seconds is not None else None
@@ -281,6 +282,7 @@ async def restart_phase(
         "from_start": since(stopped, figures["seconds"]),
         "from_stop": since(began, figures["seconds"]),
         "all_after_start": since(stopped, figures["all_after"]),
+        "settled_after": settled,
         "master_rss": common.rss(),
         "startup_drops": master.startup_drops() - drops,
         **({"redials": workers.redials(logs)} if p["transport"] == "sshmux" else {}),
