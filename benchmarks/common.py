@@ -59,6 +59,15 @@ def cpu_seconds(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
+def precise_cpu_seconds(pid: int | str) -> float:
+    """CPU seconds of one live process's threads, to the nanosecond (schedstat; 0 if it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0]) for t in tasks) / 1e9
+    except OSError:
+        return 0.0
+
+
 def descendants(pid: int) -> list[int]:
     """``pid`` and every live process below it (sshd forks one per connection)."""
     children: dict[int, list[int]] = {}

@@ -102,7 +102,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         help="scale: seconds until an attach counts as timed out (default 60; the next phases wait up to 4x)",
     )
     p.add_argument(
-        "--scale-idle-seconds", type=float, default=8.0, help="scale: each idle window, seconds (default 8)"
+        "--scale-idle-seconds", type=float, default=6.0, help="scale: each idle window, seconds (default 6)"
     )
     p.add_argument(
         "--scale-idle-k",
@@ -113,8 +113,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--scale-plain-restart",
         action=argparse.BooleanOptionalAction,
-        default=True,
-        help="scale: restart the plain PB master too (default: yes)",
+        default=False,
+        help="scale: restart the plain PB master too (about 2 more minutes at 10,000 sessions; default: no)",
     )
     p.add_argument(
         "--scale-profile",
@@ -354,7 +354,9 @@ def scale_profile_text(profiled: dict[str, Any]) -> str:
         f"\nprofile, sshmux scale attach ({profiled['figures'].get('sessions')} sessions, under cProfile:"
         f" {f.get('all_after') or 0:.1f} s), the master's main thread; besides it, its other threads (the database)"
         f" used {f.get('master_cpu_other_threads', 0):.1f} CPU s, and it waited {profiled['epoll_wait']:.1f} s in"
-        " epoll. Own time by package (a builtin's goes to its caller's):",
+        " epoll. Own time by package (a builtin's goes to its caller's; cProfile's cost per call inflates"
+        " code of many small calls the most, e.g. Buildbot's SimpleMQ matching each event against every"
+        " consumer):",
         *(f"  {name:24s} {secs:8.2f} s  {secs / total:6.1%}" for name, secs in shares.items()),
         profiled["top"],
     ]
@@ -535,7 +537,7 @@ def scale_rows(scale: dict[str, Any], row: Any) -> None:
             if "skipped" in f or "error" in f:
                 out[t] = f"skipped: {f['skipped']}" if "skipped" in f else "error"
             elif figures is None:
-                out[t] = "not run" if phase not in f.get("phases", [phase]) else "skipped: attach timed out"
+                out[t] = "not run" if phase not in f.get("phases", [phase]) else "skipped: no full attach"
             elif key in ("seconds", "from_start", "from_stop") and figures["seconds"] is None:
                 out[t] = f"t/o {figures['attached']}/{n} @{figures['waited']:.0f}s"
             elif figures.get(key) is not None:
@@ -788,8 +790,13 @@ def scale_notes(scale: dict[str, Any], args: argparse.Namespace) -> list[str]:
         " keep their periods (launcher: Rebalancer 1 s, status line 5 s; master: authorized_hosts and certificates"
         " 2 s, shutdown watch 0.5 s; Buildbot's heartbeat 60 s). CPU per hour = W1 x 3600/T (fixed-period timers;"
         " no PB keepalive is due yet in W1, each having started at its session's login) + (W2 - W1) x 3600/(K T)"
-        f" (keepalives; T = {seconds:g} s, K = {k}); per 1000 sessions: x 1000/{n}. Worker side: its processes"
-        " summed.",
+        f" (keepalives; T = {seconds:g} s, K = {k}); per 1000 sessions: x 1000/{n}. CPU from schedstat (ns);"
+        " worker side: its processes summed."
+        + (
+            ""
+            if "restart" in runs.get("plain", {}).get("phases", ["restart"])
+            else " The plain PB master's restart is not run unless --scale-plain-restart (~2 min more at 10k)."
+        ),
     ]
     for t, f in runs.items():
         for phase in ("attach", "restart"):
