@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import resource
 import shutil
 import socket
 import subprocess
@@ -58,6 +59,15 @@ def cpu_seconds(pid: int | str) -> float:
     return (int(fields[11]) + int(fields[12])) / CLOCK_TICK
 
 
+def precise_cpu_seconds(pid: int | str) -> float:
+    """CPU seconds of one live process's threads, to the nanosecond (schedstat; 0 if it is gone)."""
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+        return sum(int(Path(f"/proc/{pid}/task/{t}/schedstat").read_text().split()[0]) for t in tasks) / 1e9
+    except OSError:
+        return 0.0
+
+
 def descendants(pid: int) -> list[int]:
     """``pid`` and every live process below it (sshd forks one per connection)."""
     children: dict[int, list[int]] = {}
@@ -78,6 +88,26 @@ def descendants(pid: int) -> list[int]:
 
 def tree_cpu_seconds(pid: int) -> float:
     return sum(cpu_seconds(p) for p in descendants(pid))
+
+
+def thread_cpu_seconds() -> tuple[float, float]:
+    """CPU seconds of this process's (main thread, other threads: e.g. Buildbot's database pool)."""
+    main = others = 0.0
+    for tid in os.listdir("/proc/self/task"):
+        seconds = cpu_seconds(f"self/task/{tid}")
+        if int(tid) == os.getpid():
+            main = seconds
+        else:
+            others += seconds
+    return main, others
+
+
+def raise_fd_limit() -> int:
+    """Raise this process's open files limit (and its children's) to the hard limit; return it."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
 
 
 def listen_overflows() -> int:
@@ -106,6 +136,26 @@ def percentile(values: Sequence[float], q: float) -> float | None:
         return None
     rank = max(1, min(len(values), int(-(-q * len(values) // 100))))
     return values[rank - 1]
+
+
+LISTEN = "tcp:0:interface=127.0.0.1"
+TWISTED_BACKLOG = 50
+"""Twisted's listen backlog when a strports description names none: what a stock master.cfg gets."""
+
+
+def somaxconn() -> int:
+    """The kernel's cap on any listen backlog (net.core.somaxconn)."""
+    return int(Path("/proc/sys/net/core/somaxconn").read_text())
+
+
+def listen_on(port: int = 0, backlog: int | None = None) -> str:
+    """A strports description on 127.0.0.1 (``backlog`` None: Twisted's default)."""
+    return f"tcp:{port}:interface=127.0.0.1" + (f":backlog={backlog}" if backlog else "")
+
+
+def effective_backlog(backlog: int | None) -> int:
+    """The accept queue a listen with ``backlog`` gets (None: Twisted's 50), after the kernel's cap."""
+    return min(backlog or TWISTED_BACKLOG, somaxconn())
 
 
 def free_port() -> int:
@@ -145,21 +195,34 @@ def openssh_env() -> dict[str, str]:
 
 
 class Child(protocol.ProcessProtocol):
-    """A child process; its stdout and stderr kept apart."""
+    """A child process; its stdout and stderr kept apart, or both written to ``log``.
+
+    A ``log`` file spares this process reading a chatty child's output.
+    """
 
     def __init__(
-        self, reactor: Any, argv: Sequence[str], env: dict[str, str] | None = None, cwd: str | None = None
+        self,
+        reactor: Any,
+        argv: Sequence[str],
+        env: dict[str, str] | None = None,
+        cwd: str | None = None,
+        log: Path | None = None,
     ) -> None:
         self.reactor = reactor
         self.argv = [str(a) for a in argv]
         self.out = bytearray()
         self.err = bytearray()
+        self.log = log
         self.ended: defer.Deferred[None] = defer.Deferred()
         self.exit_code: int | None = None
         self.pid = 0
-        reactor.spawnProcess(
-            self, self.argv[0], self.argv, env=env if env is not None else python_env(), path=cwd
-        )
+        env = env if env is not None else python_env()
+        if log is None:
+            reactor.spawnProcess(self, self.argv[0], self.argv, env=env, path=cwd)
+            return
+        with open(log, "ab") as f:
+            fds = {0: "w", 1: f.fileno(), 2: f.fileno()}
+            reactor.spawnProcess(self, self.argv[0], self.argv, env=env, path=cwd, childFDs=fds)
 
     def connectionMade(self) -> None:
         self.pid = self.transport.pid
@@ -180,6 +243,8 @@ class Child(protocol.ProcessProtocol):
         return not self.ended.called
 
     def text(self) -> str:
+        if self.log is not None:
+            return self.log.read_text(errors="replace")
         return (self.out + self.err).decode("utf-8", "replace")
 
     async def wait_for(self, needle: str, timeout: float = 20.0) -> None:

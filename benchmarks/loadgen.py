@@ -9,7 +9,7 @@ JSON line:
 ``fairness``  a PB ping on its own stream, idle, then while 10 SINK streams
               run flat out;
 ``stall``     ``channels`` SOURCE requests, then never read the socket again;
-``workers``   ``names`` stock buildbot-worker Workers over TCP (attach).
+``workers``   ``names`` stock buildbot-worker Workers over TCP (attach, scale).
 """
 
 from __future__ import annotations
@@ -209,10 +209,16 @@ async def stall(reactor: Any, link: Link, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def workers(reactor: Any, p: dict[str, Any]) -> None:
-    """Stock buildbot-worker Workers, all in this process, straight to ``port``; runs until killed."""
+    """Stock buildbot-worker Workers, all in this process, straight to ``port``; runs until killed.
+
+    ``log``: their log to stdout (as a worker's twistd.log).
+    """
     from buildbot_worker.bot import Worker
     from twisted.application import service
+    from twisted.logger import globalLogBeginner, textFileLogObserver
 
+    if p.get("log"):
+        globalLogBeginner.beginLoggingTo([textFileLogObserver(sys.stdout)], redirectStandardIO=False)
     top = service.MultiService()
     for name in p["names"]:
         basedir = Path(p["basedir"], name)

@@ -11,9 +11,12 @@ this process; then one worker-side process runs every session:
 A launcher holds more sessions than the master's default ``max_channels``
 per connection only with that limit raised to N (the figures say so).
 
-Timed from starting that process until every worker is attached to its
-builder; then the master's open fds and RSS, the worker side's RSS, and how
-many connections a full accept queue turned away meanwhile (machine-wide).
+The master's PB and SSH ports listen with ``backlog`` (None: Twisted's
+default, 50, what a stock master.cfg gets; the kernel caps it at
+net.core.somaxconn).  Timed from starting that process until every worker is
+attached to its builder; then the master's open fds and RSS, the worker
+side's RSS, and how many connections a full accept queue turned away
+meanwhile (machine-wide).
 """
 
 from __future__ import annotations
@@ -30,10 +33,23 @@ HOST = "bench"
 PER_BUILDER = 10
 
 
-def master_config(site: T.Site, names: list[str], db_url: str) -> dict[str, Any]:
+def master_config(
+    site: T.Site,
+    names: list[str],
+    db_url: str,
+    ssh_port: str = common.LISTEN,
+    pb_port: str = common.LISTEN,
+    **service: Any,
+) -> dict[str, Any]:
+    """Builders of PER_BUILDER workers each; ``service``: more `SSHMuxService` arguments."""
     from buildbot.plugins import schedulers, steps, util, worker
 
-    config = T.master_config(["unused"], [HOST], site)
+    # One launcher may hold every session: lift the per-connection channel cap if need be.
+    if len(names) > ServerLimits().max_channels:
+        service["max_channels"] = len(names)
+    config = T.master_config(
+        ["unused"], site.hosts, site, ssh_port=ssh_port, pb_port=pb_port, service=service
+    )
     factory = util.BuildFactory([steps.ShellCommand(command=["true"])])
     groups = [names[i : i + PER_BUILDER] for i in range(0, len(names), PER_BUILDER)]
     config["workers"] = [worker.Worker(n, T.WORKER_PASSWORD.format(name=n)) for n in names]
@@ -45,19 +61,6 @@ def master_config(site: T.Site, names: list[str], db_url: str) -> dict[str, Any]
         schedulers.ForceScheduler(name="force", builderNames=[b.name for b in config["builders"]])
     ]
     config["db_url"] = db_url
-    max_channels = ServerLimits().max_channels
-    if len(names) > max_channels:
-        # One launcher runs every session: lift the per-connection channel cap.
-        from buildbot_sshmux import SSHMuxService
-
-        config["services"] = [
-            SSHMuxService(
-                port="tcp:0:interface=127.0.0.1",
-                host_keys=[str(site.host_key_path)],
-                authorized_hosts=str(site.authorized_hosts),
-                max_channels=len(names),
-            )
-        ]
     return config
 
 
@@ -90,7 +93,9 @@ async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> di
     n = p["sessions"]
     names = [f"w{i:04d}-{HOST}" for i in range(n)]
     site = T.Site(root, [HOST])
-    master = await T.start_master(site.master_basedir, master_config(site, names, p["db_url"]), reactor)
+    listen = common.listen_on(backlog=p.get("backlog"))
+    config = master_config(site, names, p["db_url"], ssh_port=listen, pb_port=listen)
+    master = await T.start_master(site.master_basedir, config, reactor)
     if len(master.botmaster.builders) * PER_BUILDER < n:
         raise RuntimeError(f"the master did not start; see {root / 'master.log'}")
     fds_before, rss_before = common.open_fds(), common.rss()
@@ -112,6 +117,7 @@ async def run(reactor: Any, transport: str, root: Path, p: dict[str, Any]) -> di
         "connections": T.sshmux_service(master).connection_count,
         "max_channels_raised": n > ServerLimits().max_channels,
         "listen_overflows": common.listen_overflows() - overflows,
+        "backlog": common.effective_backlog(p.get("backlog")),
     }
     if not workers.running:
         figures["error"] = f"the worker side exited {workers.exit_code}: {workers.text()[-2000:]}"
