@@ -286,48 +286,16 @@ class AEADFraming:
         return number, body[2 : len(body) - pad]
 
     def getPacket(self) -> bytes | None:
-        """Conch's packet reader (its dataReceived calls it until the first
-        AEAD key takes over): the next packet's message, or None."""
-        opener = getattr(self.currentEncryptions, "in_aead", None)
-        t: Any = self
-        if opener is None:
+        """Conch's packet reader, which its dataReceived loop calls until the
+        first AEAD key takes over in the middle of a read: then the rest of
+        the read is opened and dispatched here, and the loop ends."""
+        if getattr(self.currentEncryptions, "in_aead", None) is None:
             return self._conch_packet()
-        buf, seq = self.buf, t.incomingPacketSequence
-        if len(buf) < 4:
-            return None
-        length = self._incoming_length
-        if length is None:
-            length = opener.packet_length(seq, buf)
-            if not self._length_allowed(opener, length):
-                self._incoming_length = length
-                return None
-        end = 4 + length + opener.tag_size
-        if len(buf) < end:
-            self._incoming_length = length
-            return None
-        self._incoming_length = None
-        view = memoryview(buf)
-        try:
-            body = opener.open(seq, view[:4], view[4:end])
-        except InvalidTag:
-            t.sendDisconnect(transport.DISCONNECT_MAC_ERROR, b"bad MAC")
-            return None
-        finally:
-            view.release()
-        self.buf = buf[end:]
-        pad = body[0]
-        if pad < 4 or pad + 2 > len(body):
-            t.sendDisconnect(transport.DISCONNECT_PROTOCOL_ERROR, b"bad padding length %d" % pad)
-            return None
-        payload = body[1:-pad]
-        if t.incomingCompression:
-            try:
-                payload = t.incomingCompression.decompress(payload)
-            except Exception:
-                t.sendDisconnect(transport.DISCONNECT_COMPRESSION_ERROR, b"compression error")
-                return None
-        t.incomingPacketSequence += 1
-        return payload
+        pos = self._open_packets(self.buf)
+        self.buf = b"" if pos < 0 else self.buf[pos:]
+        if self.buf and getattr(self.currentEncryptions, "in_aead", None) is None:
+            return self._conch_packet()  # a re-exchange chose a cipher Conch frames
+        return None
 
     def _conch_packet(self) -> bytes | None:
         """Conch's getPacket (block ciphers, or none), with our packet length limit."""
