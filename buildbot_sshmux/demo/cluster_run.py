@@ -38,7 +38,16 @@ from typing import Any
 
 from attrs import define, field
 
-from buildbot_sshmux.demo.run import HOSTS, Outcome, _say, finish, first_few, project_names, table
+from buildbot_sshmux.demo.run import (
+    HOSTS,
+    Outcome,
+    _say,
+    build_problem,
+    finish,
+    first_few,
+    project_names,
+    table,
+)
 
 MASTERS = ("a", "b", "c")
 KILLED = "a"
@@ -440,16 +449,11 @@ def summary(f: Figures) -> str:
 
 def _problem(outcome: Outcome) -> str | None:
     """What went wrong, or None if every build ended green and every session re-attached."""
-    if outcome.error is not None:
-        return outcome.error
+    builds = build_problem(outcome)
     f = outcome.figures
-    if f is None:
-        return "it stopped before it finished"
-    if not f.total:
-        return "no build ran"
-    problems = []
-    if f.green != f.total:
-        problems.append(f"{f.total - f.green} of {f.total} builds not green: {first_few(f.failed)}")
+    if outcome.error is not None or f is None or not f.total:
+        return builds
+    problems = [builds] if builds else []
     if f.not_reattached or len(f.reattach) != f.moved:
         problems.append(
             f"{len(f.not_reattached)} of master {KILLED}'s {f.moved} sessions did not re-attach "

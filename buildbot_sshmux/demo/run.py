@@ -284,8 +284,8 @@ def summary(f: Figures) -> str:
     return table("buildbot-sshmux demo summary", rows, 40)
 
 
-def _problem(outcome: Outcome) -> str | None:
-    """What went wrong in a run, or None if every build succeeded."""
+def build_problem(outcome: Outcome) -> str | None:
+    """What went wrong in a demo run, as far as its builds tell, or None if all are green."""
     if outcome.error is not None:
         return outcome.error
     f = outcome.figures
@@ -307,7 +307,7 @@ def _logs(root: Path) -> list[str]:
 def report(root: Path, outcome: Outcome, keep: bool) -> int:
     """Print how a run went; delete ``root`` after a good run unless ``keep``; the exit status."""
     hint = " (build output is in the master's database, master/state.sqlite)" if outcome.figures else ""
-    return finish(root, outcome, keep, summary, _problem(outcome), _logs(root), hint)
+    return finish(root, outcome, keep, summary, build_problem(outcome), _logs(root), hint)
 
 
 def finish(

@@ -303,6 +303,19 @@ def authorize(
     )
 
 
+def _refused(cert: Any, host: str, where: str, why: str) -> defer.Deferred[Any]:
+    """Log why ``cert`` may not log in as ``host``; the login's failure."""
+    log.warn(
+        "refused {certificate} for host {host} ({fingerprint}){where}: {why}",
+        certificate=cert.describe(),
+        host=host,
+        fingerprint=cert.fingerprint,
+        where=where,
+        why=why,
+    )
+    return defer.fail(error.UnauthorizedLogin())
+
+
 class CertificateAuthority:
     """The certificates side of the master's public-key check: `check` for a login,
     `recheck` for a connection already in when authorized_hosts or the list change."""
@@ -323,29 +336,15 @@ class CertificateAuthority:
         try:
             entry = authorize(cert, self.entries(), peer, self.revocations, self.clock.seconds())
         except CertificateRefused as e:
-            log.warn(
-                "refused {certificate} for host {host} ({fingerprint}){where}: {why}",
-                certificate=cert.describe(),
-                host=e.host,
-                fingerprint=cert.fingerprint,
-                where=where,
-                why=e.why,
-            )
-            return defer.fail(error.UnauthorizedLogin())
+            return _refused(cert, e.host, where, e.why)
         algorithm = creds.algName
         if algorithm not in cert.algorithms:
-            log.warn(
-                "refused {certificate} for host {host} ({fingerprint}){where}: algorithm {algorithm!r} {why}",
-                certificate=cert.describe(),
-                host=entry.name,
-                fingerprint=cert.fingerprint,
-                where=where,
-                algorithm=quote(algorithm),
-                why="(SHA-1) is not accepted; use rsa-sha2-256 or rsa-sha2-512"
+            why = (
+                "(SHA-1) is not accepted; use rsa-sha2-256 or rsa-sha2-512"
                 if algorithm == certs.SHA1_CERT_ALGORITHM
-                else f"is not one of a {cert.key_type.decode()}",
+                else f"is not one of a {cert.key_type.decode()}"
             )
-            return defer.fail(error.UnauthorizedLogin())
+            return _refused(cert, entry.name, where, f"algorithm {quote(algorithm)!r} {why}")
         if creds.signature is None:
             return defer.fail(ValidPublicKey())
         try:

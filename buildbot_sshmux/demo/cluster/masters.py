@@ -17,7 +17,6 @@ after a SIGKILL): `start`, `stop` (SIGTERM), `kill` (SIGKILL), `wait_ready`.
 from __future__ import annotations
 
 import json
-import os
 import signal
 import subprocess
 import sys
@@ -31,11 +30,10 @@ from typing import Any
 from buildbot_sshmux.demo.harness import stop_process
 from buildbot_sshmux.wire.keys import generate_ed25519, public_line, write_private_key
 
-from .procs import free_port, listening, tail, wait_until
+from .procs import free_port, listening, start_twistd, tail, wait_until
 
 WAMP_JOINED = "Wamp connection succeed!"
 RUNNING = "BuildMaster is running"
-TWISTD = "from twisted.scripts.twistd import run; run()"
 
 TAC = """\
 import os
@@ -151,15 +149,7 @@ class ClusterMaster:
         """Start twistd (no pidfile: a SIGKILLed master restarts at once)."""
         assert self.process is None or self.process.poll() is not None, f"master {self.name} is running"
         self._log_offset = self.log_path.stat().st_size if self.log_path.exists() else 0
-        with open(self.stdout_path, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", "--no_save", "-y", "buildbot.tac"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.basedir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        self.process = start_twistd(self.basedir, self.stdout_path)
 
     def wait_ready(self, timeout: float = 60.0) -> float:
         """Wait until this start joined the WAMP realm and the SSH and web ports listen."""

@@ -6,6 +6,7 @@ import os
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -50,6 +51,23 @@ def tail(path: Path, lines: int = 40) -> str:
     except OSError:
         return ""
     return "\n".join(text.splitlines()[-lines:])
+
+
+TWISTD = "from twisted.scripts.twistd import run; run()"
+
+
+def start_twistd(basedir: Path, stdout_path: Path) -> subprocess.Popen[bytes]:
+    """``twistd --nodaemon -y buildbot.tac`` in ``basedir`` (no pidfile: a
+    SIGKILLed process restarts at once), its output appended to ``stdout_path``."""
+    with open(stdout_path, "ab") as out:
+        return subprocess.Popen(
+            [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", "--no_save", "-y", "buildbot.tac"],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            cwd=basedir,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
 
 
 def stop_group(process: subprocess.Popen[bytes], timeout: float = 15.0) -> int:

@@ -8,7 +8,6 @@ that one master only: when the master dies it keeps redialling it.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 from collections.abc import Sequence
@@ -16,8 +15,7 @@ from pathlib import Path
 
 from buildbot_sshmux.demo.harness import stop_process
 
-from .masters import TWISTD
-from .procs import tail
+from .procs import start_twistd, tail
 
 RUNNER = "import sys; from buildbot_worker.scripts.runner import run; sys.argv[0] = 'buildbot-worker'; run()"
 
@@ -44,15 +42,7 @@ class StockWorker:
 
     def start(self) -> None:
         """``twistd --nodaemon -y buildbot.tac`` in its basedir (no pidfile)."""
-        with open(self.stdout_path, "ab") as out:
-            self.process = subprocess.Popen(
-                [sys.executable, "-c", TWISTD, "--nodaemon", "--pidfile=", "--no_save", "-y", "buildbot.tac"],
-                stdout=out,
-                stderr=subprocess.STDOUT,
-                stdin=subprocess.DEVNULL,
-                cwd=self.basedir,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            )
+        self.process = start_twistd(self.basedir, self.stdout_path)
 
     def running(self) -> bool:
         return self.process is not None and self.process.poll() is None
