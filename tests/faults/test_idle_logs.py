@@ -96,5 +96,8 @@ class PlannedStopLogs(FaultCase):
         for line in stop_lines:
             self.assertNotRegex(line, r"#(warn|error|critical)\]", "a planned stop is not a fault")
         self.assertTrue(any("is shutting down" in line for line in stop_lines), stop_lines)
-        self.assertEqual(len([line for line in master_stop_lines if "the master is stopping" in line]), 1)
+        # Buildbot's stopService runs a quick clean shutdown first: the master
+        # may announce it (hosts move their sessions) before it disconnects them.
+        self.assertEqual(len([line for line in master_stop_lines if "disconnecting 1 worker hosts" in line]), 1)
+        self.assertLessEqual(len([line for line in master_stop_lines if "once its builds end" in line]), 1)
         self.assertAlive(launcher)
