@@ -98,6 +98,8 @@ class PlannedStopLogs(FaultCase):
         self.assertTrue(any("is shutting down" in line for line in stop_lines), stop_lines)
         # Buildbot's stopService runs a quick clean shutdown first: the master
         # may announce it (hosts move their sessions) before it disconnects them.
-        self.assertEqual(len([line for line in master_stop_lines if "disconnecting 1 worker hosts" in line]), 1)
+        self.assertEqual(
+            len([line for line in master_stop_lines if "disconnecting 1 worker hosts" in line]), 1
+        )
         self.assertLessEqual(len([line for line in master_stop_lines if "once its builds end" in line]), 1)
         self.assertAlive(launcher)
