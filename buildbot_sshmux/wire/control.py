@@ -27,6 +27,7 @@ from twisted.logger import Logger
 from twisted.web import resource, server
 
 from buildbot_sshmux.errors import SSHMuxError
+from buildbot_sshmux.wire.quietsite import QuietSite
 
 log = Logger()
 
@@ -111,9 +112,7 @@ def listen(
         if _answers(path):
             raise SSHMuxError(f"{path}: {owner} is already running here (its control socket answers)")
         path.unlink()
-    site = server.Site(_Routes(routes))
-    site.noisy = False
-    site.log = lambda request: None  # type: ignore[method-assign]  # a status call is not an event
+    site = QuietSite(_Routes(routes))
     endpoint = endpoints.UNIXServerEndpoint(reactor, os.fsdecode(path), mode=0o600)
     mask = os.umask(0o177)  # no moment with a wider mode: bind() creates the file
     try:

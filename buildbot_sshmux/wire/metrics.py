@@ -25,9 +25,10 @@ from typing import Any
 from twisted.internet import endpoints
 from twisted.internet.defer import Deferred
 from twisted.internet.interfaces import IListeningPort
-from twisted.web import resource, server
+from twisted.web import resource
 
 from buildbot_sshmux.errors import SSHMuxError
+from buildbot_sshmux.wire.quietsite import QuietSite
 
 INSTALL_HINT = "pip install 'buildbot-sshmux[metrics]'"
 _STRPORTS = re.compile(r"^(tcp6?|unix|ssl|systemd):")
@@ -109,7 +110,5 @@ def serve(reactor: Any, description: str, collector: Any) -> Deferred[IListening
     root = resource.Resource()
     root.putChild(b"metrics", page)
     root.putChild(b"", page)
-    site = server.Site(root)
-    site.noisy = False
-    site.log = lambda request: None  # type: ignore[method-assign]  # a scrape is not an event
+    site = QuietSite(root)
     return endpoints.serverFromString(reactor, description).listen(site)

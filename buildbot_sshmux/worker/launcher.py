@@ -251,6 +251,7 @@ class Launcher(service.MultiService):
                 endpoint.update(self._members(new_workers[name].master), self.orders.get(name))
         for worker in start:
             self._add_session(worker)
+        self.rebalancer.refresh()
         old_forwards = {f.listen: f for f in old.forwards}
         new_forwards = {f.listen: f for f in new.forwards}
         redo = {

@@ -182,7 +182,8 @@ class Rebalancer(service.Service):
     stop moves (Buildbot lets it go once its build ends), and sessions away
     from their first master that is up go back to it, idle ones only and at
     most ``max_moving`` at a time, so a master that returns does not face
-    every login at once.
+    every login at once.  It ticks only while there are cluster sessions
+    (`refresh` after they change): a launcher without a cluster keeps no timer.
     """
 
     interval = 1.0
@@ -197,14 +198,25 @@ class Rebalancer(service.Service):
 
     def startService(self) -> None:
         super().startService()
-        self._loop = task.LoopingCall(self.rebalance)
-        self._loop.clock = self.clock
-        self._loop.start(self.interval, now=False)
+        self.refresh()
 
     def stopService(self) -> Any:
+        self._stop_loop()
+        return super().stopService()
+
+    def refresh(self) -> None:
+        """Tick while running with cluster sessions to place, and only then."""
+        if not (self.running and self.placed()):
+            self._stop_loop()
+        elif self._loop is None:
+            self._loop = task.LoopingCall(self.rebalance)
+            self._loop.clock = self.clock
+            self._loop.start(self.interval, now=False)
+
+    def _stop_loop(self) -> None:
         if self._loop is not None and self._loop.running:
             self._loop.stop()
-        return super().stopService()
+        self._loop = None
 
     def rebalance(self) -> None:
         placed = self.placed()

@@ -124,7 +124,8 @@ def run(config_path: str, *, debug: bool, stop_timeout: float, logfile: str | No
         launcher.startService()
         controls.install_signals()
         systemd.notify("READY=1", f"STATUS={launcher.summary()}")
-        status_loop.start(STATUS_INTERVAL, now=False)
+        if systemd.notifying():  # the status line is for systemd alone: no timer without it
+            status_loop.start(STATUS_INTERVAL, now=False)
 
     def stopping() -> Any:
         systemd.notify("STOPPING=1")

@@ -7,6 +7,11 @@ import os
 import socket
 
 
+def notifying() -> bool:
+    """Whether systemd waits for our notifications (``$NOTIFY_SOCKET`` is set)."""
+    return bool(os.environ.get("NOTIFY_SOCKET"))
+
+
 def notify(*fields: str) -> bool:
     """Send ``READY=1``, ``STATUS=...``, ``RELOADING=1``, ``STOPPING=1``...; True if sent."""
     address = os.environ.get("NOTIFY_SOCKET")

@@ -244,6 +244,24 @@ class RebalancerTests(TestCase):
         rebalancer.rebalance()
         self.assertEqual(sum(s.moves for s in sessions), 2 * Rebalancer.max_moving)
 
+    def test_it_ticks_only_while_there_are_cluster_sessions(self) -> None:
+        clock, pairs = Clock(), []
+        rebalancer = Rebalancer(lambda: pairs, clock)  # type: ignore[arg-type]
+        rebalancer.startService()
+        self.assertEqual(clock.getDelayedCalls(), [], "a launcher without a cluster keeps a timer")
+        session = FakeSession()
+        pairs.append((session, FakeEndpoint(self.b, self.a)))
+        rebalancer.refresh()
+        clock.advance(Rebalancer.interval)
+        self.assertEqual(session.moves, 1)
+        pairs.clear()
+        rebalancer.refresh()
+        self.assertEqual(clock.getDelayedCalls(), [])
+        pairs.append((FakeSession(), FakeEndpoint(self.a, self.a)))
+        rebalancer.refresh()
+        rebalancer.stopService()
+        self.assertEqual(clock.getDelayedCalls(), [])
+
     def test_sessions_where_they_belong_stay(self) -> None:
         sessions = [FakeSession() for _ in range(5)]
         self.rebalancer([(s, FakeEndpoint(self.a, self.a)) for s in sessions]).rebalance()
