@@ -9,7 +9,7 @@ The keys are merged into the row Buildbot has just written, in one database
 call, and announce no event of their own.  The data API's
 ``updates.workerConnected`` would cost two more reads, a failed insert and a
 message matched against every consumer, per attach: at 2,000 sessions that
-was 7% of the attach time.  A worker page shows them once loaded; one left
+was 6% of the attach time.  A worker page shows them once loaded; one left
 open through the attach shows them on its next load.
 """
 
