@@ -35,6 +35,8 @@ from buildbot_sshmux.wire.channel import FlowLimits
 
 TRANSPORTS = ("plain", "sshmux", "openssh")
 TITLES = {"plain": "plain PB", "sshmux": "sshmux", "openssh": "OpenSSH"}
+COLORS = {"plain": "C0", "sshmux": "C1", "openssh": "C2"}
+"""Each transport's colour in the plot (matplotlib's first three)."""
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -890,15 +892,21 @@ def plot(path: str, results: dict[str, Any]) -> str:
             timed_out = [(n, max(f["waited"] for f in by_n[str(n)] if "waited" in f))
                          for n, s in seconds.items() if s == INF]  # fmt: skip
             name = TITLES[t] + label
-            line = left.plot(*zip(*done), style, marker="o", label=name)[0] if done else None
+            if done:
+                left.plot(*zip(*done), style, marker="o", color=COLORS[t], label=name)
             if timed_out:
-                color = line.get_color() if line else None
-                left.plot(*zip(*timed_out), "x", markersize=10, color=color, label=f"{name}: timed out")
+                left.plot(*zip(*timed_out), "x", markersize=10, color=COLORS[t], label=f"{name}: timed out")
+    for t, r in results.get("scale", {}).get("runs", {}).items():
+        attach = r.get("attach", {})
+        seconds = attach.get("seconds") or attach.get("all_after")  # past its timeout: when the last came in
+        if seconds is not None:
+            label = f"{TITLES[t]}, {r['hosts']} hosts (scale)"
+            left.plot([r["sessions"]], [seconds], "s", markersize=8, color=COLORS[t], label=label)
     left.set(xlabel="worker sessions", ylabel="seconds to all attached", xscale="log", title="attach")
     for t, r in results.get("bulk", {}).items():
         if "runs" in r:
             points = sorted((int(n), med(runs, "mb_per_s")) for n, runs in r["runs"].items())
-            right.plot(*zip(*points), marker="o", label=TITLES[t])
+            right.plot(*zip(*points), marker="o", color=COLORS[t], label=TITLES[t])
     right.set(xlabel="channels", ylabel="MB/s (aggregate)", xscale="log", yscale="log", title="bulk")
     for ax in (left, right):
         if ax.get_legend_handles_labels()[0]:
