@@ -648,7 +648,8 @@ def target(name: str, value: Any, unit: str, op: str, limit: float) -> dict[str,
     passed = None if number is None else (number >= limit if op == ">=" else number <= limit)
     entry = {"name": name, "value": number, "unit": unit, "target": f"{op} {limit:g}", "pass": passed}
     if isinstance(value, str):
-        entry.update(text=value, **{"pass": False if value.startswith("t/o") else None})
+        entry["text"] = value
+        entry["pass"] = False if value.startswith("t/o") else None
     return entry
 
 

@@ -419,7 +419,7 @@ class ProtocolChannel(SSHChannel):
         self.remoteWindowLeft -= n
         self._pending -= n
         self._last_progress = self._clock()
-        self.conn.send_data(self, pieces)  # type: ignore[union-attr]
+        self.conn.send_data(self, pieces, n)  # type: ignore[union-attr]
         self._budget.refund(n)
         self._budget.sent(n)
         if self.closing and not self._pending and not self.localClosed:
@@ -556,16 +556,16 @@ class FlowControlledConnection(connection.SSHConnection):
             self.adjustWindow(channel, channel.localWindowSize - channel.localWindowLeft)
         channel.dataReceived(data)
 
-    def send_data(self, channel: SSHChannel, parts: list[bytes | bytearray | memoryview]) -> None:
-        """Conch's ``sendData`` of ``parts`` joined, framed with one copy (Conch's
-        makes three before the transport's own)."""
+    def send_data(self, channel: SSHChannel, parts: list[bytes | bytearray | memoryview], size: int) -> None:
+        """Conch's ``sendData`` of ``parts`` joined (``size`` bytes), framed with
+        one copy (Conch's makes three before the transport's own)."""
         if channel.localClosed:
             return
-        header = struct.pack(">2L", self.channelsToRemoteChannel[channel], sum(map(len, parts)))
+        header = struct.pack(">2L", self.channelsToRemoteChannel[channel], size)
         transport: Any = self.transport
         can_send_parts = getattr(transport, "can_send_parts", None)  # our transports'
         if can_send_parts is not None and can_send_parts():
-            transport.send_parts(connection.MSG_CHANNEL_DATA, [header, *parts])
+            transport.send_parts(connection.MSG_CHANNEL_DATA, [header, *parts], len(header) + size)
         else:
             transport.sendPacket(connection.MSG_CHANNEL_DATA, b"".join([header, *parts]))
 

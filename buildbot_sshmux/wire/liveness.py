@@ -196,9 +196,9 @@ class RekeyingTransport:
         if messageType != MSG_KEXINIT:
             self._count(len(payload))
 
-    def send_parts(self, messageType: int, parts: Any) -> None:
-        super().send_parts(messageType, parts)  # type: ignore[misc]
-        self._count(sum(map(len, parts)))
+    def send_parts(self, messageType: int, parts: Any, size: int) -> None:
+        super().send_parts(messageType, parts, size)  # type: ignore[misc]
+        self._count(size)
 
     def dataReceived(self, data: bytes) -> None:
         super().dataReceived(data)  # type: ignore[misc]

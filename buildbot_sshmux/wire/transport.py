@@ -175,9 +175,10 @@ class AEADFraming:
             return None
         if t.outgoingCompression:
             message = t.outgoingCompression.compress(bytes((messageType,)) + payload)
-            self._seal(b"", (message + t.outgoingCompression.flush(2),))
+            message += t.outgoingCompression.flush(2)
+            self._seal(b"", (message,), len(message))
         else:
-            self._seal(bytes((messageType,)), (payload,))
+            self._seal(bytes((messageType,)), (payload,), len(payload))
         return None
 
     def can_send_parts(self) -> bool:
@@ -189,18 +190,18 @@ class AEADFraming:
             and not t.outgoingCompression
         )
 
-    def send_parts(self, messageType: int, parts: Sequence[Bytes]) -> None:
-        """Send a message whose payload is ``parts`` joined, without joining
-        them first; only when `can_send_parts`."""
-        self._seal(bytes((messageType,)), parts)
+    def send_parts(self, messageType: int, parts: Sequence[Bytes], size: int) -> None:
+        """Send a message whose payload is ``parts`` joined (``size`` bytes),
+        without joining them first; only when `can_send_parts`."""
+        self._seal(bytes((messageType,)), parts, size)
 
-    def _seal(self, message_type: bytes, parts: Sequence[Bytes]) -> None:
+    def _seal(self, message_type: bytes, parts: Sequence[Bytes], size: int) -> None:
         """Frame, seal and write one packet: padding length, ``message_type``
-        (one byte, or none if the parts include it), the parts, padding."""
+        (one byte, or none if the parts include it), the parts (``size``
+        bytes), padding."""
         t: Any = self
         sealer = self.currentEncryptions.out_aead
-        size = len(message_type) + sum(map(len, parts))
-        pad = padding_length(1 + size, sealer.block_size)
+        pad = padding_length(1 + len(message_type) + size, sealer.block_size)
         if self._padding is None:
             self._padding = RandomPadding()
         body = b"".join((bytes((pad,)), message_type, *parts, self._padding.take(pad)))
