@@ -158,7 +158,12 @@ class ClusterDrainTests(ClusterCase):
         busy, idle = on_m1[0], on_m1[1:]
         slow_project = busy.rsplit("-", 1)[0]
         [brid] = await T.force_builds(m1, [(slow_project, HOST)])
-        await self.wait_for(lambda: bool(m1.botmaster.builders[slow_project].building), 20, "the slow build")
+        # Past its ping: Buildbot's clean shutdown aborts the ping of a build
+        # still starting (it then ends RETRY), so wait for its first step.
+        building = m1.botmaster.builders[slow_project].building
+        await self.wait_for(
+            lambda: any(b.currentStep is not None for b in building), 20, "the slow build's step"
+        )
 
         started = reactor.seconds()
         stopping = defer.ensureDeferred(defer.maybeDeferred(m1.botmaster.cleanShutdown, stopReactor=False))
