@@ -160,9 +160,9 @@ class ClusterDrainTests(ClusterCase):
         [brid] = await T.force_builds(m1, [(slow_project, HOST)])
         # Past its ping: Buildbot's clean shutdown aborts the ping of a build
         # still starting (it then ends RETRY), so wait for its first step.
-        building = m1.botmaster.builders[slow_project].building
+        slow = m1.botmaster.builders[slow_project]
         await self.wait_for(
-            lambda: any(b.currentStep is not None for b in building), 20, "the slow build's step"
+            lambda: any(b.currentStep is not None for b in slow.building), 20, "its first step"
         )
 
         started = reactor.seconds()
